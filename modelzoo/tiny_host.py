@@ -1,0 +1,76 @@
+"""Small models built from ComfyUI's own architecture classes (its SD1.5 UNet, its MMDiT and its Flux DiT), with
+seeded random weights, plus matching conditioning. They exercise the host's real block structure, model sampling
+and patch points at test-friendly sizes. Imports comfy: use inside a running host only.
+"""
+import torch
+
+ARCHITECTURES = ("sd15", "mmdit", "flux")
+
+# Context width and pooled width of the conditioning each tiny model takes.
+CONTEXT_DIM = {"sd15": 64, "mmdit": 64, "flux": 64}
+POOLED_DIM = {"sd15": None, "mmdit": 64, "flux": 64}
+
+_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 64, "num_heads": 2,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+_MMDIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None, "adm_in_channels": 64,
+    "pos_embed_max_size": 32, "num_patches": 1024, "pos_embed_scaling_factor": None,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+    "x_block_self_attn_layers": [],
+}
+_FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64, "context_in_dim": 64,
+    "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def seeded_init_(module, seed):
+    """ComfyUI's layers skip weight init (they hold uninitialised memory): fill every parameter reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                p.fill_(1.0)
+
+
+def build_tiny(arch="sd15", seed=0):
+    """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"tiny model architecture must be one of {ARCHITECTURES}, got {arch!r}")
+    config_class, unet_config = {"sd15": (comfy.supported_models.SD15, _SD15_UNET),
+                                 "mmdit": (comfy.supported_models.SD3, _MMDIT),
+                                 "flux": (comfy.supported_models.Flux, _FLUX)}[arch]
+    config = config_class(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    offload_device = comfy.model_management.unet_offload_device()
+    model = config.get_model({}, device=offload_device)
+    seeded_init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=offload_device)
+
+
+def tiny_conditioning(arch="sd15", seed=0, tokens=8, batch=1, context_dim=0):
+    """CONDITIONING for a tiny model: seeded context tokens (and the pooled vector the DiTs need).
+    `context_dim` > 0 overrides the width (768 for the SD1.5-detectable checkpoint file)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"tiny model architecture must be one of {ARCHITECTURES}, got {arch!r}")
+    g = torch.Generator().manual_seed(seed)
+    extras = {}
+    context = torch.randn(batch, tokens, context_dim or CONTEXT_DIM[arch], generator=g)
+    if POOLED_DIM[arch] is not None:
+        extras["pooled_output"] = torch.randn(batch, POOLED_DIM[arch], generator=g)
+    return [[context, extras]]

@@ -1,0 +1,88 @@
+"""The pack's embedded model: a small class-conditional UNet of the host's SD1.5 architecture trained on MNIST
+digits (pixel space, 32x32, one channel). It runs the README demo with no download and is what the benchmarks
+measure solvers, schedules, caches and restoration on."""
+import torch
+
+from comfy_api.latest import io
+
+from .common import CATEGORY, require_choice
+from ..modelzoo import mnist_unet
+
+PREDICTIONS = ("eps",)
+
+
+class QuickstepDigitModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepDigitModel",
+            display_name="Digit Model (embedded)",
+            category=f"{CATEGORY}/models",
+            description="Loads Quickstep's embedded MNIST digit model: a small UNet of ComfyUI's SD1.5 "
+                        "architecture working on 32x32 one-channel pixels. No download.",
+            inputs=[io.Combo.Input("prediction", options=list(PREDICTIONS), default="eps",
+                                   tooltip="Which trained variant to load (its prediction type).")],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, prediction):
+        require_choice("Digit Model", "prediction", prediction, PREDICTIONS)
+        return io.NodeOutput(mnist_unet.load_mnist_model(prediction=prediction))
+
+
+class QuickstepDigitConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepDigitConditioning",
+            display_name="Digit Conditioning",
+            category=f"{CATEGORY}/models",
+            description="Conditioning for the embedded digit model: which digit to draw, or none (unconditional, "
+                        "the negative for CFG).",
+            inputs=[io.Int.Input("digit", default=0, min=-1, max=9,
+                                 tooltip="Digit 0-9 to draw; -1 gives the unconditional embedding.")],
+            outputs=[io.Conditioning.Output()])
+
+    @classmethod
+    def execute(cls, digit):
+        if digit == -1:
+            return io.NodeOutput(mnist_unet.unconditional_conditioning())
+        return io.NodeOutput(mnist_unet.digit_conditioning([digit]))
+
+
+class QuickstepEmptyDigitLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepEmptyDigitLatent",
+            display_name="Empty Digit Latent",
+            category=f"{CATEGORY}/models",
+            description="An empty 32x32 one-channel pixel latent for the embedded digit model.",
+            inputs=[io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="How many digits to draw.")],
+            outputs=[io.Latent.Output()])
+
+    @classmethod
+    def execute(cls, batch_size):
+        import comfy.model_management
+        device = comfy.model_management.intermediate_device()
+        return io.NodeOutput({"samples": torch.zeros(batch_size, 1, 32, 32, device=device)})
+
+
+class QuickstepDigitToImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepDigitToImage",
+            display_name="Digit Latent to Image",
+            category=f"{CATEGORY}/models",
+            description="Turns the digit model's pixel latent into an IMAGE (28x28, grey in RGB): the digit "
+                        "model's 'VAE decode'.",
+            inputs=[io.Latent.Input("samples", tooltip="Pixel latent sampled with the digit model.")],
+            outputs=[io.Image.Output()])
+
+    @classmethod
+    def execute(cls, samples):
+        return io.NodeOutput(mnist_unet.latent_to_image(samples["samples"]))
+
+
+NODES = [QuickstepDigitModel, QuickstepDigitConditioning, QuickstepEmptyDigitLatent, QuickstepDigitToImage]

@@ -1,0 +1,76 @@
+"""Foundation: the pack loads in the real host, the test bed's oracle is exact through the host's own apply_model,
+and its reference ODE solution is converged."""
+import torch
+
+from graphs import oracle_sampling_graph, sink
+from modelzoo.gmm import GaussianMixture, exact_ode_solution
+
+
+def test_pack_loads_without_import_errors(client, server):
+    info = client.object_info()
+    ours = sorted(name for name in info if name.startswith("Quickstep") and not name.startswith("QuickstepTest"))
+    assert ours, "no Quickstep node registered"
+    for name in ours:
+        node = info[name]
+        assert node["category"].startswith("Quickstep/"), (name, node["category"])
+        assert node["description"], name
+        for section in ("required", "optional"):
+            for input_name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    log = server.log()
+    failures = [line for line in log.splitlines() if "quickstep" in line.lower() and
+                ("IMPORT FAILED" in line or "Cannot import" in line or "Skip" in line or "could not" in line)]
+    assert not failures, failures
+
+
+def _oracle(inproc, family):
+    result = inproc.run({"m": {"class_type": "QuickstepTestOracle", "inputs": {"family": family, "mixture_seed": 0}},
+                          "keep": sink("m")})
+    return inproc.output(result, "m")
+
+
+def test_oracle_denoiser_is_exact_through_host_apply_model(inproc):
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    for family, sigmas in (("eps", [0.03, 0.4, 2.0, 14.0]), ("v", [0.03, 0.4, 2.0, 14.0]),
+                           ("flow", [0.01, 0.3, 0.7, 0.99])):
+        patcher = _oracle(inproc, family)
+        gmm = patcher.model.diffusion_model.gmm
+        for s in sigmas:
+            sigma = torch.full((3,), s)
+            denoised = patcher.model.apply_model(x, sigma, transformer_options={"sigmas": sigma})
+            exact = gmm.denoise(x.double(), sigma.double(), family == "flow")
+            assert (denoised.double() - exact).abs().max() < 1e-4, (family, s)
+
+
+def test_reference_solution_is_converged():
+    gmm = GaussianMixture((4, 8, 8), seed=0)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for flow, sigma0, start in ((False, 14.6, x * (1 + 14.6 ** 2) ** 0.5), (True, 1.0 - 1e-9, x)):
+        fine = exact_ode_solution(gmm, start, sigma0, flow=flow)
+        coarse = exact_ode_solution(gmm, start, sigma0, flow=flow, rtol=1e-8, atol=1e-8)
+        assert (fine - coarse).abs().max() < 1e-5
+        assert torch.isfinite(fine).all() and fine.abs().max() > 0.1
+
+
+def _initial_state(patcher, sigmas, seed, shape):
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(torch.zeros(shape), seed)
+    ms = patcher.model.model_sampling
+    return ms.noise_scaling(sigmas[0], noise, torch.zeros(shape), max_denoise=True).double()
+
+
+def test_host_euler_converges_to_reference_on_every_family(inproc):
+    """Many-step host Euler through a real graph lands on the exact ODE solution: the bed can tell right from wrong."""
+    for family in ("eps", "v", "flow"):
+        errors = []
+        for steps in (25, 100):
+            result = inproc.run(oracle_sampling_graph(family, "euler", steps, scheduler="simple", seed=3))
+            sampled = inproc.output(result, "out")["samples"].double()
+            sigmas = inproc.output(result, "sigmas")
+            patcher = inproc.output(result, "model")
+            x_start = _initial_state(patcher, sigmas, 3, sampled.shape)
+            exact = exact_ode_solution(patcher.model.diffusion_model.gmm, x_start, float(sigmas[0]),
+                                       flow=family == "flow")
+            errors.append((sampled - exact).pow(2).mean().sqrt().item())
+        assert errors[1] < errors[0] / 2.5, (family, errors)   # first order: 4x steps, ~4x less error
+        assert errors[1] < 0.05, (family, errors)
