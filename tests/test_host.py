@@ -74,3 +74,10 @@ def test_host_euler_converges_to_reference_on_every_family(inproc):
             errors.append((sampled - exact).pow(2).mean().sqrt().item())
         assert errors[1] < errors[0] / 2.5, (family, errors)   # first order: 4x steps, ~4x less error
         assert errors[1] < 0.05, (family, errors)
+
+
+def test_http_server_runs_a_graph_with_progress(client):
+    result = client.run(oracle_sampling_graph("flow", "euler", 6, seed=5))
+    assert result.status == "success", result.error()
+    steps = [value for node, value, total in result.progress() if node == "out"]
+    assert steps[-1] == 6 and len(steps) >= 6

@@ -1,0 +1,207 @@
+"""Solver-accuracy benchmark: error against the exact ODE solution at a fixed NFE budget, NFE counted.
+
+For every deterministic sampler in the host's list (ComfyUI's built-ins and Quickstep's qs_ entries) and every
+scheduler of the host's list, the steps are chosen so that the counted number of model calls is at most the budget;
+the sampler's error is that of its best scheduler. Models: the exact Gaussian-mixture oracle for the EPS, V and
+flow families (error against the exact ODE solution), and the trained digit model when present (error against a
+500-step DPM-Solver++(2M) reference from the same noise).
+
+usage: python -m bench.solvers [--nfe 3 4 5 6 8 10] [--samples 16] [--families eps v flow digits] [--samplers ...]
+Writes bench/results/solvers.json and prints a markdown table with each sampler's ratio to the best host built-in.
+"""
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from testbed.host import HOST_DIR, PACK_DIR
+
+# Built-in samplers whose result is a deterministic function of the starting noise (ODE solvers).
+HOST_ODE_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
+                     "res_multistep", "gradient_estimation", "ddim", "uni_pc", "uni_pc_bh2")
+RESULTS = PACK_DIR / "bench" / "results"
+
+
+class CountedModel:
+    """Counts sampler-level model calls (one per CFG-combined prediction) with a PREDICT_NOISE wrapper."""
+
+    def __init__(self, patcher):
+        import comfy.patcher_extension
+        self.calls = 0
+        self.patcher = patcher.clone()
+
+        def count(executor, *args, **kwargs):
+            self.calls += 1
+            return executor(*args, **kwargs)
+        self.patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "quickstep_bench", count)
+
+
+def run_sampler(model, sampler_name, sigmas, noise, positive, negative, cfg):
+    """Sample through the host's own sampling path; returns (samples, counted NFE)."""
+    import comfy.sample
+    import comfy.samplers
+    counted = CountedModel(model)
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    latent = torch.zeros_like(noise)
+    out = comfy.sample.sample_custom(counted.patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                     disable_pbar=True, seed=0)
+    return out.double(), counted.calls
+
+
+def schedule(model, scheduler, steps):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+
+
+def steps_for_budget(model, sampler_name, scheduler, nfe, probe):
+    """The largest step count whose counted NFE is <= nfe (probing on a one-sample batch)."""
+    best = None
+    for steps in range(1, nfe + 1):
+        sigmas = schedule(model, scheduler, steps)
+        try:
+            _, calls = probe(sampler_name, sigmas)
+        except Exception:   # a sampler that cannot run this few steps
+            continue
+        if calls <= nfe and (best is None or calls >= best[1]):
+            best = (steps, calls)
+    return best
+
+
+class Case:
+    """A model, its conditioning, noises and an exact (or converged) reference per starting sigma."""
+
+    def __init__(self, name, model, positive, negative, cfg, noise, reference_fn):
+        self.name, self.model, self.positive, self.negative, self.cfg = name, model, positive, negative, cfg
+        self.noise = noise
+        self._reference_fn = reference_fn
+        self._references = {}
+
+    def reference(self, sigmas):
+        key = round(float(sigmas[0]), 6)
+        if key not in self._references:
+            self._references[key] = self._reference_fn(self, sigmas)
+        return self._references[key]
+
+    def error(self, sampler_name, sigmas):
+        out, calls = run_sampler(self.model, sampler_name, sigmas, self.noise, self.positive, self.negative, self.cfg)
+        ref = self.reference(sigmas)
+        return (out - ref).pow(2).flatten(1).mean(1).sqrt().mean().item(), calls
+
+
+def oracle_case(family, samples):
+    from modelzoo.gmm import exact_ode_solution
+    from modelzoo.oracle_host import ORACLE_SHAPE, build_oracle
+    from modelzoo.tiny_host import tiny_conditioning
+    import comfy.sample
+
+    model = build_oracle(family)
+    noise = comfy.sample.prepare_noise(torch.zeros(samples, *ORACLE_SHAPE), 1234)
+    cond = tiny_conditioning("sd15", 0)
+
+    def reference(case, sigmas):
+        ms = model.get_model_object("model_sampling")
+        x_start = ms.noise_scaling(sigmas[0], case.noise, torch.zeros_like(case.noise), max_denoise=True)
+        return exact_ode_solution(model.model.diffusion_model.gmm, x_start.double(), float(sigmas[0]),
+                                  flow=family == "flow")
+    return Case(f"oracle-{family}", model, cond, cond, 1.0, noise, reference)
+
+
+def digits_case(samples, prediction="eps"):
+    from modelzoo import mnist_unet
+    import comfy.sample
+    path = mnist_unet.weights_path(prediction)
+    if not path.exists():
+        return None
+    model = mnist_unet.load_mnist_model(prediction=prediction)
+    digits = [i % 10 for i in range(samples)]
+    noise = comfy.sample.prepare_noise(torch.zeros(samples, 1, 32, 32), 1234)
+    positive, negative = mnist_unet.digit_conditioning(digits), mnist_unet.unconditional_conditioning(samples)
+
+    def reference(case, sigmas):
+        ref_sigmas = torch.cat([torch.exp(torch.linspace(math.log(float(sigmas[0])),
+                                                         math.log(float(sigmas[-2])), 500)), sigmas[-1:]])
+        out, _ = run_sampler(model, "dpmpp_2m", ref_sigmas, case.noise, case.positive, case.negative, case.cfg)
+        return out
+    return Case(f"digits-{prediction}", model, positive, negative, 2.0, noise, reference)
+
+
+def benchmark(case, samplers, schedulers, budgets, log):
+    """{sampler: {nfe: {"error", "scheduler", "steps", "nfe"}}} with each sampler's best scheduler per budget."""
+    one = {"noise": case.noise[:1]}
+
+    def probe(sampler_name, sigmas):
+        return run_sampler(case.model, sampler_name, sigmas, one["noise"], case.positive, case.negative, case.cfg)
+
+    table = {}
+    for sampler_name in samplers:
+        table[sampler_name] = {}
+        for nfe in budgets:
+            best = None
+            for scheduler in schedulers:
+                found = steps_for_budget(case.model, sampler_name, scheduler, nfe, probe)
+                if found is None:
+                    continue
+                sigmas = schedule(case.model, scheduler, found[0])
+                err, calls = case.error(sampler_name, sigmas)
+                if math.isfinite(err) and (best is None or err < best["error"]):
+                    best = {"error": err, "scheduler": scheduler, "steps": found[0], "nfe": calls}
+            table[sampler_name][nfe] = best
+        log(f"  {case.name} {sampler_name}: " + ", ".join(
+            f"{n}:{v['error']:.4f}" if v else f"{n}:-" for n, v in table[sampler_name].items()))
+    return table
+
+
+def markdown(case_name, table, budgets):
+    host = [s for s in table if not s.startswith("qs_")]
+    lines = [f"### {case_name}", "", "| sampler | " + " | ".join(f"{n} NFE" for n in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    best_host = {n: min((table[s][n]["error"] for s in host if table[s][n]), default=float("nan")) for n in budgets}
+    for sampler_name, row in table.items():
+        cells = []
+        for n in budgets:
+            v = row[n]
+            cells.append("-" if v is None else f"{v['error']:.4f} ({v['error'] / best_host[n]:.2f}x, {v['scheduler']})")
+        lines.append(f"| {sampler_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--families", nargs="+", default=["eps", "v", "flow", "digits"])
+    parser.add_argument("--samplers", nargs="+", default=None, help="default: host ODE samplers + every qs_ sampler")
+    parser.add_argument("--schedulers", nargs="+", default=None, help="default: the host's scheduler list")
+    parser.add_argument("--out", default=str(RESULTS / "solvers.json"))
+    args = parser.parse_args(argv)
+
+    from testbed.inproc import InProcessHost
+    logging.disable(logging.WARNING)          # the host's start-up warnings (torchaudio absent) are not ours
+    InProcessHost(HOST_DIR / "benchbase")   # loads the host and the pack (registers the qs_ samplers)
+    torch.set_grad_enabled(False)
+    import comfy.samplers
+    samplers = args.samplers or [*HOST_ODE_SAMPLERS, *(s for s in comfy.samplers.KSampler.SAMPLERS
+                                                       if s.startswith("qs_"))]
+    schedulers = args.schedulers or list(comfy.samplers.SCHEDULER_NAMES)
+    results, t0 = {}, time.time()
+    for family in args.families:
+        case = digits_case(args.samples) if family == "digits" else oracle_case(family, args.samples)
+        if case is None:
+            print(f"skipping {family}: no trained weights")
+            continue
+        results[case.name] = benchmark(case, samplers, schedulers, args.nfe, print)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"nfe": args.nfe, "samples": args.samples, "results": results,
+                   "wall_s": time.time() - t0}, f, indent=1)
+    for name, table in results.items():
+        print(markdown(name, table, args.nfe), "\n")
+    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
