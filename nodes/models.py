@@ -5,10 +5,10 @@ import torch
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, require_choice
+from .common import CATEGORY, QuickstepInputError, require_choice
 from ..modelzoo import mnist_unet
 
-PREDICTIONS = ("eps",)
+PREDICTIONS = mnist_unet.PREDICTIONS
 
 
 class QuickstepDigitModel(io.ComfyNode):
@@ -27,6 +27,9 @@ class QuickstepDigitModel(io.ComfyNode):
     @classmethod
     def execute(cls, prediction):
         require_choice("Digit Model", "prediction", prediction, PREDICTIONS)
+        if not mnist_unet.weights_path(prediction).exists():
+            raise QuickstepInputError("Digit Model", f"prediction = {prediction!r}: its weights "
+                                      f"{mnist_unet.weights_path(prediction).name} are not shipped in this install")
         return io.NodeOutput(mnist_unet.load_mnist_model(prediction=prediction))
 
 
@@ -37,17 +40,20 @@ class QuickstepDigitConditioning(io.ComfyNode):
             node_id="QuickstepDigitConditioning",
             display_name="Digit Conditioning",
             category=f"{CATEGORY}/models",
-            description="Conditioning for the embedded digit model: which digit to draw, or none (unconditional, "
-                        "the negative for CFG).",
-            inputs=[io.Int.Input("digit", default=0, min=-1, max=9,
-                                 tooltip="Digit 0-9 to draw; -1 gives the unconditional embedding.")],
+            description="Conditioning for the embedded digit model: which digits to draw, one per image of the "
+                        "batch (repeated to fill it); empty gives the unconditional embedding, the negative for CFG.",
+            inputs=[io.String.Input("digits", default="0123456789",
+                                    tooltip="Digits 0-9 to draw, one per image (e.g. 0123456789); empty for none.")],
             outputs=[io.Conditioning.Output()])
 
     @classmethod
-    def execute(cls, digit):
-        if digit == -1:
+    def execute(cls, digits):
+        digits = digits.replace(" ", "").replace(",", "")
+        if not digits:
             return io.NodeOutput(mnist_unet.unconditional_conditioning())
-        return io.NodeOutput(mnist_unet.digit_conditioning([digit]))
+        if not digits.isdecimal() or not digits.isascii():
+            raise QuickstepInputError("Digit Conditioning", f"digits = {digits!r} may hold only the digits 0-9")
+        return io.NodeOutput(mnist_unet.digit_conditioning([int(d) for d in digits]))
 
 
 class QuickstepEmptyDigitLatent(io.ComfyNode):

@@ -1,0 +1,92 @@
+"""Timestep optimizer nodes in the real host: valid SIGMAS that the host's samplers accept, real accuracy gains on
+the exact oracle against the host's best built-in schedule at the same NFE, save/load round trips, clear errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from graphs import oracle_sampling_graph, sink
+from modelzoo.gmm import exact_ode_solution
+from testbed.inproc import ValidationFailed
+
+
+def _error(inproc, result):
+    import comfy.sample
+    sampled = inproc.output(result, "out")["samples"].double()
+    sigmas = inproc.output(result, "sigmas")
+    patcher = inproc.output(result, "model")
+    noise = comfy.sample.prepare_noise(torch.zeros(sampled.shape), 3)
+    x_start = patcher.model.model_sampling.noise_scaling(sigmas[0], noise, torch.zeros(sampled.shape),
+                                                         max_denoise=True).double()
+    flow = patcher.model.diffusion_model.flow
+    exact = exact_ode_solution(patcher.model.diffusion_model.gmm, x_start, float(sigmas[0]), flow=flow)
+    return (sampled - exact).pow(2).flatten(1).mean(1).sqrt().mean().item()
+
+
+def _optimize_node(method, steps, solver="dpmpp_2m"):
+    return {"class_type": "QuickstepOptimizeSchedule",
+            "inputs": {"model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 0],
+                       "latent_image": ["latent", 0], "method": method, "solver": solver, "steps": steps,
+                       "cfg": 1.0, "trajectories": 16, "teacher_steps": 60, "training_seed": 11}}
+
+
+@pytest.fixture()
+def fresh_schedule_cache(host_base):
+    cache = host_base / "models" / "quickstep_schedules" / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    return cache
+
+
+@pytest.mark.parametrize("family", ["eps", "flow"])
+def test_ld3_node_beats_best_builtin_schedule_at_5_nfe(inproc, family, fresh_schedule_cache):
+    builtin = min(_error(inproc, inproc.run(oracle_sampling_graph(family, "dpmpp_2m", 5, scheduler, seed=3,
+                                                                  batch=8)))
+                  for scheduler in ("karras", "exponential", "simple", "beta", "kl_optimal"))
+    graph = oracle_sampling_graph(family, "dpmpp_2m", 5, seed=3, batch=8, sigmas_node=_optimize_node("ld3", 5))
+    result = inproc.run(graph)
+    sigmas = inproc.output(result, "sigmas")
+    assert sigmas.shape[0] == 6 and (sigmas[1:] < sigmas[:-1]).all() and sigmas[-1] == 0
+    optimized = _error(inproc, result)
+    print(f"{family}: ld3 {optimized:.4f} vs best built-in {builtin:.4f} ({optimized / builtin:.2f}x)")
+    assert optimized < 0.9 * builtin
+    assert any(node == "sigmas" for node, _, _ in result.progress())
+    cached = list(fresh_schedule_cache.glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["sigmas"] == sigmas.tolist()
+
+
+def test_dmn_is_in_the_stock_scheduler_list_and_runs(inproc):
+    result = inproc.run(oracle_sampling_graph("eps", "dpmpp_2m", 6, scheduler="qs_dmn"))
+    sigmas = inproc.output(result, "sigmas")
+    assert sigmas.shape[0] == 7 and (sigmas[1:] < sigmas[:-1]).all()
+
+
+def test_save_load_round_trip_is_exact_and_checks_the_model(inproc):
+    text = "14.6, 3.1, 0.71, 0.13, 0"
+    graph = {"model": {"class_type": "QuickstepTestOracle", "inputs": {"family": "eps", "mixture_seed": 0}},
+             "other": {"class_type": "QuickstepTestOracle", "inputs": {"family": "flow", "mixture_seed": 0}},
+             "text": {"class_type": "QuickstepSigmasFromText", "inputs": {"sigmas": text}},
+             "save": {"class_type": "QuickstepSaveSchedule",
+                      "inputs": {"sigmas": ["text", 0], "model": ["model", 0], "name": "qs_test_roundtrip"}},
+             "load": {"class_type": "QuickstepLoadSchedule",
+                      "inputs": {"model": ["model", 0], "name": "qs_test_roundtrip", "force": False}},
+             "keep": sink("load")}
+    graph["load"]["inputs"]["after"] = None
+    del graph["load"]["inputs"]["after"]
+    inproc.run({k: v for k, v in graph.items() if k != "load" and k != "keep"} | {"keep": sink("save")})
+    result = inproc.run(graph)
+    assert torch.equal(inproc.output(result, "load"), inproc.output(result, "text"))
+    graph["load"]["inputs"]["model"] = ["other", 0]
+    failed = inproc.run(graph, check=False)
+    assert failed.status == "error" and "Load Schedule" in str(failed.error())
+    assert "force" in str(failed.error())
+
+
+@pytest.mark.parametrize("text,problem", [("5, 7, 0", "strictly decreasing"), ("5, nan, 0", "finite"),
+                                          ("abc", "comma-separated"), ("3", "at least 2")])
+def test_bad_schedule_text_names_node_and_value(inproc, text, problem):
+    graph = {"text": {"class_type": "QuickstepSigmasFromText", "inputs": {"sigmas": text}}, "keep": sink("text")}
+    result = inproc.run(graph, check=False)
+    assert result.status == "error"
+    message = result.error()["exception_message"]
+    assert "Sigmas From Text" in message and problem in message
