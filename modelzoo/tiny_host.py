@@ -31,9 +31,13 @@ _FLUX = {
 
 
 def seeded_init_(module, seed):
-    """ComfyUI's layers skip weight init (they hold uninitialised memory): fill every parameter reproducibly."""
+    """ComfyUI's layers skip weight init (they hold uninitialised memory): fill every parameter, and every float
+    buffer a checkpoint would carry (MMDiT's pos_embed is torch.empty until loaded), reproducibly."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, b in sorted(module.named_buffers(), key=lambda kv: kv[0]):
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.02)
         for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)

@@ -1,4 +1,7 @@
 """Thin ComfyUI adapters over samplers/ and modelzoo/, one module per capability."""
-from . import models
+from . import caching, models, samplers, schedules
 
-NODES = [*models.NODES]
+samplers.register_in_host_lists()
+schedules.register_dmn_scheduler()
+
+NODES = [*models.NODES, *samplers.NODES, *schedules.NODES, *caching.NODES]

@@ -9,6 +9,15 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_INPUTS = {"seed", "noise_seed"}
 
 
+def combo_options(spec):
+    """The allowed values of a combo input spec (v1: [options, {...}]; v3: ["COMBO", {"options": [...]}]), or None."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        return spec[1].get("options", [])
+    return None
+
+
 def _inputs_in_order(info):
     order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
     for section in ("required", "optional"):

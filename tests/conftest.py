@@ -10,6 +10,10 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK_DIR))   # appended: ComfyUI's own top-level modules (nodes, utils) must win
 
 from testbed.host import HOST_DIR, Client, Server, prepare_base  # noqa: E402
+# Import the pack's plain-torch packages now: once the host starts, ComfyUI puts ComfyUI/comfy first on sys.path,
+# where comfy/samplers.py would shadow this pack's samplers/ for any later `import samplers`.
+import modelzoo  # noqa: E402,F401
+import samplers  # noqa: E402,F401
 
 SHARED_MODELS = PACK_DIR.parent / "shared" / "models"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.workflow_format import api_to_ui, canonical, ui_to_api
+from testbed.workflow_format import api_to_ui, canonical, combo_options, ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 API_FILES = sorted(WORKFLOWS.glob("*.api.json"))
@@ -42,9 +42,9 @@ def test_workflow_matches_live_object_info(path, object_info):
         assert set(spec.get("required", {})) <= set(node["inputs"]), (path.name, node_id)
         for name, value in node["inputs"].items():
             assert name in known, f"{path.name}: node {node_id} has no input {name}"
-            kind = known[name][0]
-            if isinstance(kind, list):
-                assert value in kind, f"{path.name}: node {node_id} {name}={value!r} not among {kind}"
+            options = combo_options(known[name])
+            if options is not None and not isinstance(value, list):
+                assert value in options, f"{path.name}: node {node_id} {name}={value!r} not among {options}"
     ui = json.loads((WORKFLOWS / f"{_name(path)}.ui.json").read_text())
     assert ui == api_to_ui(api, object_info, INDEX[_name(path)]["title"]), \
         "UI file out of date: run scripts/make_ui_workflows.py"

@@ -72,10 +72,35 @@ class QuickstepTestConditioning(io.ComfyNode):
         return io.NodeOutput(_modelzoo("tiny_host").tiny_conditioning(arch, seed, context_dim=context_dim))
 
 
+class QuickstepTestCountCalls(io.ComfyNode):
+    """Counts sampler-level model calls (one per CFG-combined prediction) with a PREDICT_NOISE wrapper; the count
+    is in model_options["transformer_options"]["quickstep_test_calls"]["n"] of the output model."""
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepTestCountCalls", display_name="Test Count Model Calls", category="Quickstep/testbed",
+            description="Counts the sampler's model calls (test bed).",
+            inputs=[io.Model.Input("model", tooltip="Model to count calls of.")],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model):
+        import comfy.patcher_extension
+        patched = model.clone()
+        calls = {"n": 0}
+
+        def count(executor, *args, **kwargs):
+            calls["n"] += 1
+            return executor(*args, **kwargs)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "quickstep_test_count", count)
+        patched.model_options.setdefault("transformer_options", {})["quickstep_test_calls"] = calls
+        return io.NodeOutput(patched)
+
+
 class TestbedExtension(ComfyExtension):
     @override
     async def get_node_list(self):
-        return [QuickstepTestOracle, QuickstepTestTinyModel, QuickstepTestConditioning]
+        return [QuickstepTestOracle, QuickstepTestTinyModel, QuickstepTestConditioning, QuickstepTestCountCalls]
 
 
 async def comfy_entrypoint():

@@ -1,0 +1,209 @@
+"""Feature caches (issue 11): the forecasters and schedules in plain torch, and the DeepCache / Block Cache nodes run
+through the real host on its own UNet, MMDiT and Flux classes (tiny seeded models, 16x16 latents)."""
+import math
+
+import pytest
+import torch
+
+from graphs import sink
+from samplers import caching as qc
+
+# ------------------------------------------------------------------------------------------------ plain torch parts
+
+
+def test_forecasters_are_exact_on_their_polynomial_order_with_uneven_sigmas():
+    times = [14.6, 9.1, 4.3, 2.2]                       # uneven, decreasing like a sigma schedule
+    base = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    for name, degree in (("reuse", 0), ("taylor1", 1), ("taylor2", 2), ("chebyshev", 2)):
+        f = qc.Forecaster(name, history=4)
+        poly = lambda t: base * (1 + 0.3 * t + (0.05 * t * t if degree == 2 else 0)) if degree else base  # noqa: E731
+        for t in times:
+            f.push(t, poly(t))
+        pred = f.predict(1.1)
+        tol = 2e-3 if name == "chebyshev" else 1e-4      # the ridge term trades exactness for stability
+        assert torch.allclose(pred, poly(1.1), rtol=tol, atol=tol), name
+        assert len(f) <= max(4, 1)
+
+
+def test_forecaster_history_is_bounded_and_weights_sum_to_one():
+    f = qc.Forecaster("taylor2", history=3)
+    for i in range(10):
+        f.push(10.0 - i, torch.full((2,), float(i)))
+    assert len(f) == 3 and f.nbytes() == 3 * 2 * 4
+    for name in qc.FORECASTERS:
+        w = qc.forecast_weights(name, [5.0, 3.0, 2.0, 1.5], 1.0)
+        assert abs(sum(w) - 1.0) < 1e-9, name
+    with pytest.raises(ValueError):
+        qc.Forecaster("spline")
+
+
+def test_schedules_and_step_index():
+    assert qc.full_steps(10, 3) == [0, 3, 6, 9]
+    assert qc.full_steps(10, 1) == list(range(10))
+    nu = qc.full_steps(20, 4, "non-uniform", start=2, end=18)
+    assert {0, 1, 18, 19} <= set(nu) and len([i for i in nu if 2 <= i < 18]) == 4
+    inner = [i for i in nu if 2 <= i < 18]
+    assert inner[1] - inner[0] < inner[2] - inner[1] or inner[-1] - inner[-2] < inner[2] - inner[1]
+    sig = [14.6, 7.0, 3.0, 1.0, 0.0]
+    assert [qc.step_index(sig, s) for s in (14.6, 7.0, 5.0, 1.0)] == [0, 1, 1, 3]
+    with pytest.raises(ValueError):
+        qc.full_steps(10, 0)
+
+
+def test_skip_policy_limits():
+    p = qc.SkipPolicy(threshold=0.1, warmup=2, max_consecutive=2, start_sigma=10.0, end_sigma=1.0,
+                      always=frozenset({5}))
+    assert not p.may_cache(1, 5.0, 0)          # warm-up
+    assert p.may_cache(2, 5.0, 1)
+    assert not p.may_cache(3, 5.0, 2)          # consecutive cap
+    assert not p.may_cache(5, 5.0, 0)          # static compute mask
+    assert not p.may_cache(3, 11.0, 0) and not p.may_cache(3, 1.0, 0)   # window
+    assert not qc.SkipPolicy(threshold=0.0).may_cache(10, 1.0, 0)       # threshold 0 never skips
+
+
+# --------------------------------------------------------------------------------------------------- host graphs
+
+SCHEDULER = {"sd15": "normal", "mmdit": "simple", "flux": "simple"}
+
+
+def cache_graph(arch, cache=None, steps=12, size=128, batch=1, cfg=3.0, seed=0, negative_seed=1):
+    """Tiny host model (optionally through a cache node) -> CFGGuider -> SamplerCustomAdvanced; "out" is the latent."""
+    latent = ({"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}}
+              if arch == "sd15" else
+              {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}})
+    model = ["model", 0]
+    graph = {
+        "model": {"class_type": "QuickstepTestTinyModel", "inputs": {"arch": arch, "seed": 0}},
+        "pos": {"class_type": "QuickstepTestConditioning", "inputs": {"arch": arch, "seed": 0, "context_dim": 0}},
+        "neg": {"class_type": "QuickstepTestConditioning", "inputs": {"arch": arch, "seed": negative_seed,
+                                                                         "context_dim": 0}},
+        "latent": latent,
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": SCHEDULER[arch],
+                                                              "steps": steps, "denoise": 1.0}},
+    }
+    if cache is not None:
+        class_type, inputs = cache
+        graph["cache"] = {"class_type": class_type, "inputs": {"model": ["model", 0], **inputs}}
+        model = ["cache", 0]
+    graph["guider"] = {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["pos", 0],
+                                                             "negative": ["neg", 0], "cfg": cfg}}
+    graph["out"] = {"class_type": "SamplerCustomAdvanced",
+                    "inputs": {"noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+                               "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}}
+    graph["keep"] = sink("out")
+    return graph
+
+
+COUNTED = {"ResBlock", "SpatialTransformer", "Downsample", "Upsample",          # UNet layers
+           "JointBlock", "DoubleStreamBlock", "SingleStreamBlock"}                 # DiT blocks
+
+
+class BlockCounter:
+    """Counts forward calls of the diffusion model's blocks and layers (a global module forward hook filtered by the
+    host's own block classes; the UNet calls its layers directly, not its block containers)."""
+
+    def __init__(self):
+        self.count = 0
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+
+    def _hook(self, module, *a):
+        if type(module).__name__ in COUNTED:
+            self.count += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def run_latent(inproc, graph):
+    return inproc.output(inproc.run(graph), "out")["samples"].clone()
+
+
+def run_counted(inproc, graph):
+    counter = BlockCounter()
+    try:
+        latent = run_latent(inproc, graph)
+    finally:
+        counter.close()
+    return latent, counter.count
+
+
+def psnr(a, b):
+    peak = b.abs().max().item()
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+NEVER = {
+    "sd15": ("QuickstepDeepCache", {"interval": 1, "schedule": "uniform", "branch": 0, "start_percent": 0.0,
+                                    "end_percent": 1.0, "forecaster": "reuse", "history": 3}),
+    "flux": ("QuickstepBlockCache", {"threshold": 0.0, "front_blocks": 1, "back_blocks": 1, "forecaster": "taylor1",
+                                     "warmup_steps": 0, "max_consecutive": 3, "start_percent": 0.0,
+                                     "end_percent": 1.0, "history": 3}),
+}
+NEVER["mmdit"] = ("QuickstepBlockCache", {**NEVER["flux"][1], "back_blocks": 0})     # the tiny MMDiT has 2 blocks
+
+SKIPPING = {
+    "sd15": ("QuickstepDeepCache", {**NEVER["sd15"][1], "interval": 3, "start_percent": 0.1, "end_percent": 0.95}),
+    "flux": ("QuickstepBlockCache", {**NEVER["flux"][1], "threshold": 1.0, "warmup_steps": 2, "end_percent": 0.95}),
+}
+SKIPPING["mmdit"] = ("QuickstepBlockCache", {**SKIPPING["flux"][1], "back_blocks": 0})
+
+
+@pytest.mark.parametrize("arch", ["sd15", "mmdit", "flux"])
+def test_never_skipping_cache_is_identical_to_uncached(inproc, arch):
+    plain = run_latent(inproc, cache_graph(arch))
+    cached = run_latent(inproc, cache_graph(arch, NEVER[arch]))
+    assert (plain - cached).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["sd15", "mmdit", "flux"])
+def test_skipping_cache_runs_fewer_blocks_and_stays_close(inproc, arch):
+    plain, n_plain = run_counted(inproc, cache_graph(arch, steps=16))
+    cached, n_cached = run_counted(inproc, cache_graph(arch, SKIPPING[arch], steps=16))
+    assert n_cached < 0.75 * n_plain, (n_cached, n_plain)
+    assert psnr(cached, plain) > 20.0, psnr(cached, plain)
+
+
+def test_back_to_back_batch_and_resolution_changes_leave_nothing_stale(inproc):
+    """A cached run gives the same result whatever ran before it (batch 2 then 1, two resolutions)."""
+    for arch in ("sd15", "flux"):
+        first = run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=1))
+        run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=2, seed=3))
+        run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=1, size=192, seed=4))
+        again = run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=1))
+        assert torch.equal(first, again), arch
+
+
+def test_cfg_batch_of_two_never_skipping_is_exact_and_skipping_keeps_samples_apart(inproc):
+    plain = run_latent(inproc, cache_graph("flux", steps=10, batch=2))
+    never = run_latent(inproc, cache_graph("flux", NEVER["flux"], steps=10, batch=2))
+    assert (plain - never).abs().max().item() <= 1e-6
+    cached = run_latent(inproc, cache_graph("flux", SKIPPING["flux"], steps=10, batch=2))
+    for i in range(2):
+        assert psnr(cached[i], plain[i]) > 10.0
+
+
+def _error(inproc, graph):
+    result = inproc.run(graph, check=False)
+    assert result.status == "error", result.status
+    return result.error()["exception_message"]
+
+
+def test_bad_inputs_give_clear_errors(inproc):
+    msg = _error(inproc, cache_graph("flux", NEVER["sd15"], steps=4))
+    assert "DeepCache" in msg and "not supported" in msg and "UNetModel" in msg
+    msg = _error(inproc, cache_graph("sd15", NEVER["flux"], steps=4))
+    assert "not supported" in msg and "Flux" in msg and "MMDiT" in msg
+    msg = _error(inproc, cache_graph("flux", ("QuickstepBlockCache", {**NEVER["flux"][1], "front_blocks": 2,
+                                                                        "back_blocks": 2}), steps=4))
+    assert "front_blocks + back_blocks = 4" in msg and "4 blocks" in msg
+    msg = _error(inproc, cache_graph("sd15", ("QuickstepDeepCache", {**NEVER["sd15"][1], "branch": 9}), steps=4))
+    assert "branch = 9" in msg
+    msg = _error(inproc, cache_graph("flux", ("QuickstepBlockCache", {**NEVER["flux"][1],
+                                                                        "threshold": float("nan")}), steps=4))
+    assert "threshold" in msg and "finite" in msg
+    msg = _error(inproc, cache_graph("sd15", ("QuickstepDeepCache", {**NEVER["sd15"][1], "start_percent": 0.9,
+                                                                       "end_percent": 0.2}), steps=4))
+    assert "start_percent" in msg
