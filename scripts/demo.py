@@ -13,6 +13,19 @@ from testbed.host import HOST_DIR, Client, Server, load_api_workflow, prepare_ba
 DEFAULT_WORKFLOW = PACK_DIR / "workflows" / "digits_fast_sampling.api.json"
 
 
+def contact_sheet(paths, target, columns=10, scale=4):
+    """All images of the run on one sheet (nearest-neighbour upscaled), for a quick look."""
+    from PIL import Image
+    images = [Image.open(p).convert("RGB") for p in paths]
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST).save(target)
+    return target
+
+
 def main(argv):
     workflow_path = Path(argv[0]) if argv else DEFAULT_WORKFLOW
     out_dir = PACK_DIR / "out" / "demo"
@@ -37,6 +50,8 @@ def main(argv):
                 written.append(target)
         for path in written:
             print("image:", path)
+        if written:
+            print("contact sheet:", contact_sheet(written, out_dir / "contact_sheet.png"))
         print(f"{len(written)} image(s) in {out_dir}; total {time.time() - t0:.1f} s")
         return 0 if written else 1
     finally:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.host import Client
+
 from testbed.workflow_format import api_to_ui, canonical, combo_options, ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
@@ -21,8 +23,8 @@ def _without_meta(api):
 
 
 @pytest.fixture(scope="module")
-def object_info(client):
-    return client.object_info()
+def object_info(server):
+    return Client(server.address).object_info()
 
 
 def test_every_workflow_is_indexed_and_has_both_formats():
