@@ -61,10 +61,10 @@ def steps_for_budget(model, sampler_name, scheduler, nfe, probe):
     """The largest step count whose counted NFE is <= nfe (probing on a one-sample batch)."""
     best = None
     for steps in range(1, nfe + 1):
-        sigmas = schedule(model, scheduler, steps)
         try:
+            sigmas = schedule(model, scheduler, steps)
             _, calls = probe(sampler_name, sigmas)
-        except Exception:   # a sampler that cannot run this few steps
+        except Exception:   # a scheduler or sampler that cannot run this few steps
             continue
         if calls <= nfe and (best is None or calls >= best[1]):
             best = (steps, calls)
@@ -155,6 +155,38 @@ def benchmark(case, samplers, schedulers, budgets, log):
     return table
 
 
+def pack_module(base, name):
+    """A module of the pack as the host loaded it (custom node folders get path-derived module names)."""
+    import sys
+    return sys.modules[str(base / "custom_nodes" / "quickstep").replace(".", "_x_") + "." + name]
+
+
+def ld3_rows(case, base, budgets, log, samplers=("qs_dpmpp_2m", "qs_dpmpp_2m_unic", "qs_unipc_bh2")):
+    """Each sampler on a schedule LD3 optimized for this model and NFE (DPM-Solver++(2M) student, derivative-free
+    search, 16 training noises of another seed than the evaluation noises), exactly as the node computes it."""
+    nodes_schedules = pack_module(base, "nodes.schedules")
+    rows = {f"{s}+ld3": {} for s in samplers}
+    flow = nodes_schedules.is_flow(case.model.get_model_object("model_sampling"))
+    latent = {"samples": torch.zeros_like(case.noise[:1])}
+    for nfe in budgets:
+        if nfe < 3:   # a 2M student needs 3 steps
+            for row in rows.values():
+                row[nfe] = None
+            continue
+
+        def optimize(denoise_fn, x_start, model_sampling):
+            return nodes_schedules._run_optimizer("ld3", "dpmpp_2m", nfe, 60, denoise_fn, x_start, model_sampling,
+                                                  flow, 99, None)
+        sigmas, info = nodes_schedules.optimize_in_host(case.model, case.positive, case.negative, case.cfg, latent,
+                                                        case.noise.shape[0], 99, optimize)
+        for sampler_name in samplers:
+            err, calls = case.error(sampler_name, sigmas)
+            rows[f"{sampler_name}+ld3"][nfe] = {"error": err, "scheduler": "ld3", "steps": nfe, "nfe": calls,
+                                                "optimize_s": info["wall_time_s"]}
+        log(f"  {case.name} ld3 nfe={nfe}: " + ", ".join(f"{k}={v[nfe]['error']:.4f}" for k, v in rows.items()))
+    return rows
+
+
 def markdown(case_name, table, budgets):
     host = [s for s in table if not s.startswith("qs_")]
     lines = [f"### {case_name}", "", "| sampler | " + " | ".join(f"{n} NFE" for n in budgets) + " |",
@@ -176,12 +208,14 @@ def main(argv=None):
     parser.add_argument("--families", nargs="+", default=["eps", "v", "flow", "digits"])
     parser.add_argument("--samplers", nargs="+", default=None, help="default: host ODE samplers + every qs_ sampler")
     parser.add_argument("--schedulers", nargs="+", default=None, help="default: the host's scheduler list")
+    parser.add_argument("--no-ld3", action="store_true", help="skip the LD3-optimized schedule rows")
     parser.add_argument("--out", default=str(RESULTS / "solvers.json"))
     args = parser.parse_args(argv)
 
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)          # the host's start-up warnings (torchaudio absent) are not ours
-    InProcessHost(HOST_DIR / "benchbase")   # loads the host and the pack (registers the qs_ samplers)
+    base = HOST_DIR / "benchbase"
+    InProcessHost(base)                       # loads the host and the pack (registers the qs_ samplers)
     torch.set_grad_enabled(False)
     import comfy.samplers
     samplers = args.samplers or [*HOST_ODE_SAMPLERS, *(s for s in comfy.samplers.KSampler.SAMPLERS
@@ -194,6 +228,8 @@ def main(argv=None):
             print(f"skipping {family}: no trained weights")
             continue
         results[case.name] = benchmark(case, samplers, schedulers, args.nfe, print)
+        if not args.no_ld3:
+            results[case.name].update(ld3_rows(case, base, args.nfe, print))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"nfe": args.nfe, "samples": args.samples, "results": results,

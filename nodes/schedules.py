@@ -40,11 +40,18 @@ def dmn_for_model(model_sampling, steps, order=2):
     return sigmas
 
 
+def qs_dmn_scheduler(model_sampling, steps):
+    try:
+        return dmn_for_model(model_sampling, steps)
+    except ValueError as error:
+        raise QuickstepInputError("scheduler qs_dmn", str(error)) from None
+
+
 def register_dmn_scheduler():
     """Adds qs_dmn to the stock scheduler list, so the plain KSampler can use DMN steps."""
     import comfy.samplers
     if "qs_dmn" not in comfy.samplers.SCHEDULER_HANDLERS:
-        comfy.samplers.SCHEDULER_HANDLERS["qs_dmn"] = comfy.samplers.SchedulerHandler(dmn_for_model, use_ms=True)
+        comfy.samplers.SCHEDULER_HANDLERS["qs_dmn"] = comfy.samplers.SchedulerHandler(qs_dmn_scheduler, use_ms=True)
         comfy.samplers.SCHEDULER_NAMES.append("qs_dmn")
 
 

@@ -1,5 +1,7 @@
 """Foundation: the pack loads in the real host, the test bed's oracle is exact through the host's own apply_model,
 and its reference ODE solution is converged."""
+from pathlib import Path
+
 import torch
 
 from graphs import oracle_sampling_graph, sink
@@ -81,3 +83,13 @@ def test_http_server_runs_a_graph_with_progress(client):
     assert result.status == "success", result.error()
     steps = [value for node, value, total in result.progress() if node == "out"]
     assert steps[-1] == 6 and len(steps) >= 6
+
+
+def test_readme_lists_every_node(client):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    ours = [name for name in client.object_info() if name.startswith("Quickstep") and
+            not name.startswith("QuickstepTest")]
+    missing = [name for name in ours if f"`{name}`" not in readme]
+    assert not missing, f"README lacks {missing}"
+    from samplers import SAMPLERS
+    assert all(f"qs_{name}" in readme for name in SAMPLERS)
