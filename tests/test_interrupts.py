@@ -1,0 +1,78 @@
+"""Interrupts through the real HTTP server: POST /interrupt in the middle of sampling (a Quickstep sampler over a
+DeepCache-patched model) and of schedule optimization; the server stays up and the next run equals a clean run."""
+import io
+
+import numpy
+import pytest
+from PIL import Image
+
+
+def digits_graph(seed, sampler="qs_dpmpp_2m_unic", steps=12, cache=True):
+    graph = {
+        "model": {"class_type": "QuickstepDigitModel", "inputs": {"prediction": "eps"}},
+        "pos": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": "3141"}},
+        "neg": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": ""}},
+        "latent": {"class_type": "QuickstepEmptyDigitLatent", "inputs": {"batch_size": 4}},
+        "sample": {"class_type": "KSampler",
+                   "inputs": {"model": ["cached" if cache else "model", 0], "seed": seed, "steps": steps, "cfg": 2.5,
+                              "sampler_name": sampler, "scheduler": "karras", "positive": ["pos", 0],
+                              "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "image": {"class_type": "QuickstepDigitToImage", "inputs": {"samples": ["sample", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["image", 0], "filename_prefix": "qs_interrupt"}},
+    }
+    if cache:
+        graph["cached"] = {"class_type": "QuickstepDeepCache",
+                           "inputs": {"model": ["model", 0], "interval": 2, "schedule": "uniform", "branch": 0,
+                                      "start_percent": 0.1, "end_percent": 0.95, "forecaster": "reuse",
+                                      "history": 3}}
+    return graph
+
+
+def interrupt_on_progress(node, at):
+    def on_event(client, kind, data):
+        if kind == "progress" and data.get("node") == node and data["value"] == at:
+            client.interrupt()
+    return on_event
+
+
+def _pixels(client, result):
+    images = [i for out in result.outputs.values() for i in out.get("images", [])]
+    return numpy.stack([numpy.asarray(Image.open(io.BytesIO(client.view(i["filename"], i["subfolder"], i["type"]))))
+                        for i in images])
+
+
+def _inproc_pixels(inproc, graph):
+    result = inproc.run(graph)
+    image = inproc.output(result, "image")
+    return numpy.clip(image.numpy() * 255.0, 0, 255).astype(numpy.uint8)
+
+
+@pytest.mark.parametrize("sampler", ["qs_dpmpp_2m_unic", "qs_paradigms"])
+def test_interrupted_sampling_leaves_the_next_run_clean(client, server, inproc, sampler):
+    interrupted = client.run(digits_graph(1001, sampler), on_event=interrupt_on_progress("sample", 3))
+    assert interrupted.status == "interrupted", interrupted.events[-3:]
+    assert server.alive()
+    after = client.run(digits_graph(2002, sampler))
+    assert after.status == "success", after.error()
+    reference = _inproc_pixels(inproc, digits_graph(2002, sampler))
+    diff = numpy.abs(_pixels(client, after).astype(int) - reference.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_interrupted_schedule_optimization_leaves_the_server_usable(client, server):
+    graph = {
+        "model": {"class_type": "QuickstepDigitModel", "inputs": {"prediction": "eps"}},
+        "pos": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": "7"}},
+        "neg": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": ""}},
+        "latent": {"class_type": "QuickstepEmptyDigitLatent", "inputs": {"batch_size": 1}},
+        "opt": {"class_type": "QuickstepOptimizeSchedule",
+                "inputs": {"model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+                           "latent_image": ["latent", 0], "method": "oss", "solver": "euler", "steps": 4,
+                           "cfg": 2.0, "trajectories": 4, "teacher_steps": 40, "training_seed": 5}},
+        "keep": {"class_type": "PreviewAny", "inputs": {"source": ["opt", 1]}},
+    }
+    interrupted = client.run(graph, on_event=interrupt_on_progress("opt", 5))
+    assert interrupted.status == "interrupted"
+    assert server.alive()
+    finished = client.run(digits_graph(3003, cache=False, steps=4))
+    assert finished.status == "success", finished.error()
