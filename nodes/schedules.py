@@ -103,6 +103,13 @@ def schedule_dir():
     return path
 
 
+def schedule_path(node, name):
+    """Where the schedule `name` lives; the name may not leave the schedule folder."""
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise QuickstepInputError(node, f"name = {name!r} may hold only letters, digits, '-' and '_'")
+    return os.path.join(schedule_dir(), f"{name}.json")
+
+
 def write_json_atomically(path, payload):
     """Write then rename: a killed process leaves the old file or the new one, never a torn one."""
     folder = os.path.dirname(path)
@@ -328,13 +335,12 @@ class QuickstepSaveSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, sigmas, model, name):
         node = "Save Schedule"
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise QuickstepInputError(node, f"name = {name!r} may hold only letters, digits, '-' and '_'")
+        path = schedule_path(node, name)
         sigmas = validate_sigmas(node, sigmas.detach().float().cpu())
         record = {"format": SCHEDULE_FORMAT, "sigmas": [float(s) for s in sigmas],
                   "settings": {"model": model_fingerprint(model),
                                "flow": is_flow(model.get_model_object("model_sampling"))}}
-        write_json_atomically(os.path.join(schedule_dir(), f"{name}.json"), record)
+        write_json_atomically(path, record)
         return io.NodeOutput(sigmas)
 
 
@@ -356,8 +362,8 @@ class QuickstepLoadSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, model, name, force):
         node = "Load Schedule"
-        path = os.path.join(schedule_dir(), f"{name}.json")
-        if not name or not all(c.isalnum() or c in "-_" for c in name) or not os.path.exists(path):
+        path = schedule_path(node, name)
+        if not os.path.exists(path):
             raise QuickstepInputError(node, f"name = {name!r}: no saved schedule of that name in {schedule_dir()}")
         record, sigmas = read_schedule_file(node, path)
         saved = record.get("settings", {})
