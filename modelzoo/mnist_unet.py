@@ -140,6 +140,8 @@ def load_mnist_model(path=None, prediction="eps"):
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
     model = build_base_model(prediction, device=offload_device, dtype=dtype, manual_cast_dtype=manual_cast_dtype)
     model.diffusion_model.load_state_dict(unet, strict=True)
+    # Inference only: no autograd graphs when samplers are driven outside the host's inference mode.
+    model.diffusion_model.requires_grad_(False)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
@@ -168,6 +170,14 @@ def digit_conditioning(digits, strength=1.0, weights=None):
 def unconditional_conditioning(batch=1, weights=None):
     """ComfyUI CONDITIONING of the null digit (the CFG negative), `batch` rows."""
     return [[digit_context([NULL_DIGIT] * batch, weights=weights), {}]]
+
+
+def empty_latent(batch=1, device=None):
+    """The blank page to sample from: [batch, 1, 32, 32] of background (-1), not zeros. The SD1.5 schedule's largest
+    sigma (14.6) leaves the image mean visible to the model, and an all-zero start tells it the digit sits on mid-grey:
+    samples then come out on grey, grainy backgrounds. Under EPS the host adds this latent to the scaled noise, so
+    starting from the background fixes that; the flow variant ignores it (its noise at sigma 1 hides the image)."""
+    return torch.full((batch, 1, IMAGE_SIZE, IMAGE_SIZE), -1.0, device=device)
 
 
 def mnist_to_latent(pixels):

