@@ -6,7 +6,7 @@ import inspect
 import uuid
 from dataclasses import dataclass, field
 
-from .host import COMFY_DIR, ensure_python_path, prepare_base
+from .host import ensure_python_path, prepare_base
 
 
 class EventRecorder:
@@ -132,6 +132,3 @@ class InProcessHost:
         value = getattr(value, "outputs", value)  # CacheEntry in 0.3.75 holds .outputs (a list per output slot)
         return value[index][0]
 
-
-def comfy_dir():
-    return COMFY_DIR
