@@ -16,19 +16,10 @@ import time
 import torch
 
 from samplers import guidance, operators
+from samplers.operators import consistency, psnr
 from testbed.host import HOST_DIR, PACK_DIR
 
 RESULTS = PACK_DIR / "bench" / "results"
-
-
-def psnr(x, ref):
-    a, b = ((x.float() + 1) / 2).clamp(0, 1), ((ref.float() + 1) / 2).clamp(0, 1)
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
-def consistency(op, x, y):
-    return float((op.forward(x.float()) - y.float()).pow(2).mean().sqrt())
 
 
 def tasks(sigma_y):

@@ -283,3 +283,15 @@ def add_noise(y, sigma_y, seed=0):
         return y.clone()
     generator = torch.Generator().manual_seed(int(seed))
     return y + sigma_y * torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype)
+
+
+def psnr(x, ref):
+    """PSNR in dB of images in [-1, 1] mapped to [0, 1] (data range 1), averaged over the batch."""
+    a, b = ((x.float() + 1) / 2).clamp(0, 1), ((ref.float() + 1) / 2).clamp(0, 1)
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def consistency(op, x, y):
+    """RMS of A(x) - y per measurement element (same units as sigma_y)."""
+    return float((op.forward(x.float()) - y.float()).pow(2).mean().sqrt())

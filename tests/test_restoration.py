@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from samplers import guidance, operators
+from samplers.operators import consistency, psnr
 from tests.graphs import sink
 
 N_DIGITS = 6
@@ -127,18 +128,6 @@ def restoration_graph(latent_name, operator, method=None, steps=STEPS, denoise=1
                             "inputs": {"operator": ["op", 0], "measurement": ["degrade", 0], "method": method,
                                        "eta": eta, "jump_length": jump_length, "resample_count": resample_count}}
     return graph
-
-
-def psnr(x, ref):
-    """PSNR in dB of images in [-1, 1] mapped to [0, 1] (data range 1), averaged over the batch."""
-    a, b = ((x.float() + 1) / 2).clamp(0, 1), ((ref.float() + 1) / 2).clamp(0, 1)
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
-def consistency(op, x, y):
-    """RMS of A(x) - y per measurement element (same units as sigma_y)."""
-    return float((op.forward(x.float()) - y.float()).pow(2).mean().sqrt())
 
 
 _RUNS = {}
