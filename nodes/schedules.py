@@ -17,16 +17,12 @@ from comfy_api.latest import io
 
 from .common import CATEGORY, QuickstepInputError, require_choice, require_finite
 from ..samplers import schedules
+from ..samplers.frame import is_flow
 
 OPTIMIZERS = ("ld3", "oss", "gits", "ays")
 SOLVERS = schedules.SOLVERS
 SCHEDULE_FOLDER = "quickstep_schedules"
 SCHEDULE_FORMAT = "quickstep-schedule/1"
-
-
-def is_flow(model_sampling):
-    import comfy.model_sampling
-    return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
 def sigma_range(model_sampling):

@@ -19,6 +19,7 @@ Operators and their closed forms:
                  the unknown region; A^T = A^+ = multiply by m.
   Grayscale      mean over channels (colorization); A^T y = y repeated / C, A^+ y = y repeated (A A^+ = I).
 """
+import abc
 import math
 
 import torch
@@ -31,7 +32,7 @@ class OperatorError(ValueError):
     """A measurement or mask that does not fit the operator, or a missing pseudo-inverse."""
 
 
-class LinearOperator:
+class LinearOperator(abc.ABC):
     name = "operator"
     has_pinv = True
 
@@ -63,11 +64,13 @@ class LinearOperator:
                                 f"images {tuple(x_shape)} give measurements {tuple(want)} (channels, height, width)")
 
     # algebra -------------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def forward(self, x):
-        raise NotImplementedError
+        """A x."""
 
+    @abc.abstractmethod
     def adjoint(self, y):
-        raise NotImplementedError
+        """A^T y."""
 
     def pinv(self, y):
         raise OperatorError(f"{self.name} has no pseudo-inverse")

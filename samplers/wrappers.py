@@ -13,6 +13,7 @@ import torch
 
 from .common import Run, check_float, check_int, trange
 from .frame import frame_of
+from .schedules import karras_sigmas
 from .solvers import UniC, _check_common, default_noise_sampler, sample_euler, sample_heun, with_validation
 
 
@@ -129,12 +130,6 @@ def _check_restart(restart=None, s_noise=1.0, stats=None, **base_options):
     _check_common(stats=stats)
 
 
-def _karras(sigma_max, sigma_min, n_points, rho=7.0):
-    ramp = torch.linspace(0, 1, n_points, dtype=torch.float64)
-    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return [float(s) for s in (inv_max + ramp * (inv_min - inv_max)) ** rho]
-
-
 def with_restart(base=sample_heun, restart=None, s_noise=1.0):
     """Restart sampling around `base`.  The main schedule runs in segments; at the main sigma nearest each t_min
     the state is re-noised to t_max (marginal-preserving, spec 0.4) and re-solved back with `base` on a Karras
@@ -151,7 +146,7 @@ def with_restart(base=sample_heun, restart=None, s_noise=1.0):
         plan = {}                                   # main index -> (restart sigmas, repeats)
         for t_min, (n_restart, repeats, t_max) in restart.items():
             index = min(positive, key=lambda i: abs(frame.ve_sigma(sig[i]) - t_min))
-            grid = [frame.from_ve_sigma(s) for s in _karras(t_max, frame.ve_sigma(sig[index]), n_restart)]
+            grid = [frame.from_ve_sigma(s) for s in karras_sigmas(n_restart, frame.ve_sigma(sig[index]), t_max)[:-1].tolist()]
             if repeats > 0 and grid[0] > sig[index] and index > 0:
                 grid[-1] = sig[index]               # land exactly on the main schedule
                 plan[index] = (grid, repeats)

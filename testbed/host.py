@@ -74,11 +74,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} during start-up:\n{self.log()[-4000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
                 Client(self.address).get_json("/system_stats")
                 return self
-            except OSError:
+            except OSError:   # aiohttp's connection errors are OSErrors: not listening yet
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-4000:]}")
