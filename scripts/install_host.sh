@@ -8,7 +8,7 @@ set -euo pipefail
 PACK=$(cd "$(dirname "$0")/.." && pwd)
 HOST=${QS_HOST_DIR:-$PACK/.host}
 PY=${PYTHON:-python3}
-STAMP="$HOST/.installed-v3"
+STAMP="$HOST/.installed-v4"
 mkdir -p "$HOST"
 if [ -f "$STAMP" ] && [ -e "$HOST/ComfyUI/custom_nodes/quickstep" ]; then
   echo "host ready at $HOST"; exit 0
@@ -24,6 +24,9 @@ $PIP torch==2.13.0
 $PIP -r "$PACK/scripts/host-requirements.lock"
 $PIP -r "$PACK/requirements.txt" -r "$PACK/scripts/dev-requirements.txt"
 venv/bin/pip install -q --disable-pip-version-check --no-deps spandrel==0.4.2   # its torchvision need is met by the stand-in
+# MNIST classifier whose features give the offline Frechet distance of the distillation benchmark; its torchvision
+# requirement has no CPU build, and the classifier itself needs only torch.
+venv/bin/pip install -q --disable-pip-version-check --no-deps ccexam==1.0.0
 # Import-only torchvision stand-in: the CUDA wheel fails to import beside the CPU torch, and ComfyUI imports it at
 # start-up (comfy/sd.py -> stage_c_coder). No dist-info on purpose, so transformers' metadata checks see none.
 rm -rf stubs && mkdir stubs && cp -r "$PACK/scripts/host_stubs/torchvision" stubs/
