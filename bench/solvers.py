@@ -171,9 +171,10 @@ def pack_module(base, name):
     return sys.modules[str(base / "custom_nodes" / "quickstep").replace(".", "_x_") + "." + name]
 
 
-def ld3_rows(case, base, budgets, log, samplers=("qs_dpmpp_2m", "qs_dpmpp_2m_unic", "qs_unipc_bh2")):
+def ld3_rows(case, base, budgets, log, trajectories, samplers=("qs_dpmpp_2m", "qs_dpmpp_2m_unic", "qs_unipc_bh2")):
     """Each sampler on a schedule LD3 optimized for this model and NFE (DPM-Solver++(2M) student, derivative-free
-    search, 16 training noises of another seed than the evaluation noises), exactly as the node computes it."""
+    search from the best of the host's schedules, `trajectories` training noises of another seed than the evaluation
+    noises), exactly as the node computes it."""
     nodes_schedules = pack_module(base, "nodes.schedules")
     rows = {f"{s}+ld3": {} for s in samplers}
     flow = nodes_schedules.is_flow(case.model.get_model_object("model_sampling"))
@@ -188,7 +189,7 @@ def ld3_rows(case, base, budgets, log, samplers=("qs_dpmpp_2m", "qs_dpmpp_2m_uni
             return nodes_schedules._run_optimizer("ld3", "dpmpp_2m", nfe, 60, denoise_fn, x_start, model_sampling,
                                                   flow, 99, None)
         sigmas, info = nodes_schedules.optimize_in_host(case.model, case.positive, case.negative, case.cfg, latent,
-                                                        case.noise.shape[0], 99, optimize)
+                                                        trajectories, 99, optimize)
         for sampler_name in samplers:
             err, calls = case.error(sampler_name, sigmas)
             rows[f"{sampler_name}+ld3"][nfe] = {"error": err, "scheduler": "ld3", "steps": nfe, "nfe": calls,
@@ -219,6 +220,7 @@ def main(argv=None):
     parser.add_argument("--samplers", nargs="+", default=None, help="default: host ODE samplers + every qs_ sampler")
     parser.add_argument("--schedulers", nargs="+", default=None, help="default: the host's scheduler list")
     parser.add_argument("--no-ld3", action="store_true", help="skip the LD3-optimized schedule rows")
+    parser.add_argument("--ld3-trajectories", type=int, default=32, help="LD3 training noises (the node's default)")
     parser.add_argument("--out", default=str(RESULTS / "solvers.json"))
     args = parser.parse_args(argv)
 
@@ -239,7 +241,7 @@ def main(argv=None):
             continue
         results[case.name] = benchmark(case, samplers, schedulers, args.nfe, print)
         if not args.no_ld3:
-            results[case.name].update(ld3_rows(case, base, args.nfe, print))
+            results[case.name].update(ld3_rows(case, base, args.nfe, print, args.ld3_trajectories))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"nfe": args.nfe, "samples": args.samples, "results": results,

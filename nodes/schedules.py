@@ -291,7 +291,8 @@ def _run_optimizer(method, solver, steps, teacher_steps, denoise_fn, x_start, mo
         if method == "ld3":
             return schedules.ld3_sigmas(denoise_fn, x_start, steps, sigma_max, sigma_min, flow=flow, solver=solver,
                                         teacher_steps=teacher_steps, iters=100, seed=seed,
-                                        search="derivative-free", progress=progress)
+                                        init=stock_schedules(model_sampling, steps), search="derivative-free",
+                                        progress=progress)
         grid = _teacher_grid(model_sampling, teacher_steps, flow)
         if method == "oss":
             return schedules.oss_sigmas(denoise_fn, x_start, grid, steps, solver=solver, flow=flow,
@@ -299,6 +300,24 @@ def _run_optimizer(method, solver, steps, teacher_steps, denoise_fn, x_start, mo
         if method == "gits":
             return schedules.gits_sigmas(denoise_fn, x_start, grid, steps, flow=flow, progress=progress)
         return schedules.ays_sigmas(denoise_fn, x_start, grid, steps, flow=flow, seed=seed, progress=progress)
+
+
+def stock_schedules(model_sampling, steps):
+    """The host's own schedules of `steps` model calls that start at the model's sigma_max (LD3's starting points,
+    so the learned schedule starts no worse than the best stock one on the training noises)."""
+    import comfy.samplers
+    sigma_max = sigma_range(model_sampling)[0]
+    found = []
+    for name in comfy.samplers.SCHEDULER_NAMES:
+        try:
+            s = comfy.samplers.calculate_sigmas(model_sampling, name, steps).cpu().to(torch.float64)
+        except Exception:   # another pack's scheduler may reject this model or step count; it is only a candidate
+            continue
+        positive = s[s > 0]
+        if (positive.shape[0] == steps and (positive[1:] < positive[:-1]).all()
+                and abs(float(positive[0]) - sigma_max) <= 1e-4 * sigma_max):
+            found.append(positive)
+    return found or None
 
 
 def _teacher_grid(model_sampling, steps, flow):

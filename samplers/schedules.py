@@ -626,6 +626,14 @@ def _ld3_search_without_gradients(xi0, log_hi, log_lo, train_err, valid_err, ini
     return best_v, best_sig, best_it, state["it"], bool(state["stop"]), state["stop"]
 
 
+def _ld3_initial_sigmas(init, nfe):
+    s = torch.as_tensor(init, dtype=torch.float64).flatten()
+    s = s[s > 0]
+    if s.shape[0] != nfe or not (s[1:] < s[:-1]).all():
+        raise ValueError(f"init must hold nfe = {nfe} strictly decreasing positive sigmas (+ optional 0)")
+    return s
+
+
 def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solver="dpmpp_2m", frame="A",
                x_valid=None, valid_fraction=0.25, targets=None, valid_targets=None, teacher_steps=100,
                init=None, iters=150, lr=0.05, slack=True, slack_radius=None, slack_lr=0.5, valid_every=5,
@@ -643,6 +651,8 @@ def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solve
     units (the reference default) scaled by the RMS of x_batch; ``slack=False`` gives the plain loss.
     Teacher targets: ``targets`` / ``valid_targets`` if given, else DPM-Solver++(2M) with ``teacher_steps`` Karras
     steps (rho 7) between sigma_max and sigma_min, then 0.
+    ``init``: the starting schedule, or a list of candidate schedules (e.g. the model's stock ones) of which the one
+    with the lowest training error is taken; default Karras (EPS) or shift-3 (flow).
     Validation: ``x_valid`` (held-out start states) or the last ``valid_fraction`` of a seeded permutation of
     x_batch; the schedule with the lowest validation RMS error seen (including the initial one) is returned.
     Divergence (non-finite loss/gradient/parameters, or validation error above ``diverge_factor`` x the initial one)
@@ -684,24 +694,6 @@ def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solve
                 valid_targets = sample_ode(denoise_fn, xv, tgrid, "dpmpp_2m", flow, frame)
     _progress(progress, 1, total)
 
-    log_hi, log_lo = math.log(sigma_max), math.log(sigma_min)
-    if init is None:
-        init = flow_shift_sigmas(nfe, 3.0) * sigma_max if flow else karras_sigmas(nfe, sigma_min, sigma_max)
-    s_init = torch.as_tensor(init, dtype=torch.float64).flatten()
-    s_init = s_init[s_init > 0]
-    if s_init.shape[0] != nfe or not (s_init[1:] < s_init[:-1]).all():
-        raise ValueError(f"init must hold nfe = {nfe} strictly decreasing positive sigmas (+ optional 0)")
-    ls = torch.log(s_init.clamp(min=sigma_min * (1 + 1e-6), max=sigma_max))
-    ls[0] = log_hi
-    incs = torch.cat([ls[:-1] - ls[1:], (ls[-1] - log_lo).reshape(1)]).clamp(min=1e-6)
-    xi = torch.log(incs / incs.sum()).clone().requires_grad_(True)
-
-    dim = xt[0].numel()
-    scale = float(xt.to(torch.float64).pow(2).mean().sqrt())
-    radius = (0.001 * dim / nfe ** 2) * scale if slack_radius is None else float(slack_radius)
-    delta = torch.zeros_like(xt, dtype=torch.float64).requires_grad_(slack)
-    opt = torch.optim.Adam([xi], lr=lr)
-
     def run(x, sig):
         return sample_ode(denoise_fn, x, sig, solver, flow, frame)
 
@@ -712,6 +704,26 @@ def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solve
     def train_err(sig):
         with torch.no_grad():
             return _rms_err(run(xt, sig), targets)
+
+    log_hi, log_lo = math.log(sigma_max), math.log(sigma_min)
+    if init is None:
+        init = flow_shift_sigmas(nfe, 3.0) * sigma_max if flow else karras_sigmas(nfe, sigma_min, sigma_max)
+    candidates = [_ld3_initial_sigmas(c, nfe) for c in (init if isinstance(init, (list, tuple)) else [init])]
+    # Start from the candidate with the lowest *training* error (validation stays untouched for the final choice):
+    # the search then never starts worse than the best stock schedule it was offered.
+    init_errors = [train_err(torch.cat([c, c.new_zeros(1)])) for c in candidates]
+    init_index = min(range(len(candidates)), key=lambda i: init_errors[i])
+    s_init = candidates[init_index]
+    ls = torch.log(s_init.clamp(min=sigma_min * (1 + 1e-6), max=sigma_max))
+    ls[0] = log_hi
+    incs = torch.cat([ls[:-1] - ls[1:], (ls[-1] - log_lo).reshape(1)]).clamp(min=1e-6)
+    xi = torch.log(incs / incs.sum()).clone().requires_grad_(True)
+
+    dim = xt[0].numel()
+    scale = float(xt.to(torch.float64).pow(2).mean().sqrt())
+    radius = (0.001 * dim / nfe ** 2) * scale if slack_radius is None else float(slack_radius)
+    delta = torch.zeros_like(xt, dtype=torch.float64).requires_grad_(slack)
+    opt = torch.optim.Adam([xi], lr=lr)
 
     sig0 = _ld3_schedule(xi.detach(), log_hi, log_lo)
     v0 = valid_err(sig0)
@@ -769,4 +781,4 @@ def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solve
                  "objective": "validation RMS error vs teacher", "train_before": before_train,
                  "train_after": train_err(best_sig), "best_iteration": best_it, "iterations": it_done,
                  "diverged": diverged, "reason": reason, "slack_radius": radius if slack else 0.0,
-                 "history": history, "wall_time_s": time.perf_counter() - t0}
+                 "history": history, "init_index": init_index, "wall_time_s": time.perf_counter() - t0}

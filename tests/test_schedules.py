@@ -273,6 +273,18 @@ def test_ld3_deterministic_and_slack():
     assert c[1]["slack_radius"] == 0
 
 
+def test_ld3_starts_from_the_best_candidate_on_training_noises():
+    f = fam("flow")
+    karras, shifted = S.karras_sigmas(5, f.smin, f.smax), S.flow_shift_sigmas(5, 3.0)
+    x = f.train[:32]
+    _, picked = S.ld3_sigmas(f.D, x, 5, f.smax, f.smin, flow=True, iters=0, init=[karras, shifted])
+    _, alone = S.ld3_sigmas(f.D, x, 5, f.smax, f.smin, flow=True, iters=0, init=shifted)
+    assert picked["init_index"] == 1                       # shift-3 beats Karras by ~6x on this flow model
+    assert picked["objective_after"] == alone["objective_after"]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        S.ld3_sigmas(f.D, x, 5, f.smax, f.smin, flow=True, iters=0, init=[shifted, karras[:4]])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # progress callbacks: called, and exceptions propagate (the host's interrupt)
 
