@@ -25,16 +25,26 @@ How they hook into the host (public extension points only; the input model is ne
   stored at each sigma; if not, the middle blocks return their input and the last one adds the forecast residual.
   The last Bn blocks always run on top. First-block cache is Fn=1, Bn=0.
 
+- Calibrated policy (MagCache): the Calibrate Cache node samples once with the cache computing every step, records
+  the magnitude curve of the cached tensor (DeepCache: the deep feature; Block Cache: the middle's residual entering
+  the back blocks) and writes it as JSON (write-then-rename) under models/quickstep_cache_calibrations/. A cache node
+  set to the calibrated policy loads it, checks it was made for this cache layout and model (and, when sampling
+  starts, this sampler), and computes the steps MagCache's rule picks on the run's own sigmas.
+
 State is per run, per batch group (the uuids of the conds evaluated together: CFG positive/negative keep separate
 histories) and reset when the input shape, dtype or device change (batch size, resolution).
 """
+import copy
+import json
 import logging
+import os
 
 import torch
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from .common import CATEGORY, QuickstepInputError, require_choice, require_finite
+from .schedules import write_json_atomically
 from ..samplers import caching as qc
 
 KEY = "quickstep_cache"
@@ -61,7 +71,11 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
         config = guider.model_options["transformer_options"][KEY]
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+        if config.calibration is not None:
+            _check_sampler(config.node, config.calibration, sampler)
         state = config.new_run(sigmas, guider.model_patcher.model.model_sampling)
+        state.measured = config.measure
         guider.model_options["transformer_options"][KEY] = state
         return executor(*args, **kwargs)
     finally:
@@ -77,13 +91,110 @@ def _window(model_sampling, start_percent, end_percent):
     return model_sampling.percent_to_sigma(start_percent), model_sampling.percent_to_sigma(end_percent)
 
 
+# -------------------------------------------------------------------------------------------------------- Calibration
+
+CALIBRATION_FOLDER = "quickstep_cache_calibrations"
+POLICIES = ("residual-probe", "calibrated")
+
+
+def calibration_path(node, name):
+    """Where the calibration `name` lives; the name may not leave the calibration folder."""
+    import folder_paths
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise QuickstepInputError(node, f"calibration = {name!r} may hold only letters, digits, '-' and '_'")
+    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(CALIBRATION_FOLDER,
+                                           os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER))
+    folder = folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}.json")
+
+
+def model_signature(model):
+    """What a calibration must match: the architecture (class, host config, parameter count) and the model's
+    time parameterisation. Weights are not hashed (a LoRA-patched model keeps its base model's calibration, and the
+    patched state of the weights depends on what ran before), so two fine-tunes of one architecture look alike."""
+    dm = model.model.diffusion_model
+    ms = model.get_model_object("model_sampling")
+    return {"class": type(dm).__name__, "config": type(model.model.model_config).__name__,
+            "parameters": sum(p.numel() for p in dm.parameters()),
+            "prediction": getattr(getattr(model.model, "model_type", None), "name", "unknown"),
+            "sigma_min": round(float(ms.sigma_min), 6), "sigma_max": round(float(ms.sigma_max), 6)}
+
+
+def sampler_name(sampler):
+    fn = getattr(sampler, "sampler_function", None)
+    fn = getattr(fn, "func", fn)                     # functools.partial
+    return getattr(fn, "__name__", None) or type(sampler).__name__
+
+
+def _check_sampler(node, record, sampler):
+    name = sampler_name(sampler)
+    if name != record["sampler"]:
+        raise QuickstepInputError(node, f"calibration {record['name']!r} was made with sampler {record['sampler']!r}, "
+                                        f"this run uses {name!r}: magnitude curves differ between samplers, "
+                                        "calibrate again with this sampler")
+
+
+def load_calibration(node, name, cache, structure, model):
+    """(record, MagnitudeCurve) of the stored calibration `name`, checked against this cache and model."""
+    path = calibration_path(node, name)
+    if not os.path.exists(path):
+        raise QuickstepInputError(node, f"calibration = {name!r}: no file {path}; make one with the Calibrate Cache "
+                                        "node on this model and sampler")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("format") != qc.CALIBRATION_FORMAT:
+            raise ValueError(f"format is {record.get('format')!r}, expected {qc.CALIBRATION_FORMAT!r}")
+        curve = qc.MagnitudeCurve(record["sigmas"], record["gammas"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QuickstepInputError(node, f"calibration = {name!r} ({path}) is not a usable calibration: {e}")
+    record["name"] = name
+    if record.get("cache") != cache:
+        raise QuickstepInputError(node, f"calibration {name!r} was made for {record.get('cache')}, not {cache}")
+    if record.get("structure") != structure:
+        raise QuickstepInputError(node, f"calibration {name!r} was made with {record.get('structure')}, this cache "
+                                        f"uses {structure}: the cached tensor differs, calibrate again")
+    here = model_signature(model)
+    diff = {k: (record.get("model", {}).get(k), v) for k, v in here.items() if record.get("model", {}).get(k) != v}
+    if diff:
+        raise QuickstepInputError(node, f"calibration {name!r} was made for another model: "
+                                        + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
+    return record, curve
+
+
+class CacheConfig:
+    """What a cache node attaches to the model (in transformer_options[KEY]); new_run makes the per-run state."""
+    node = cache = ""
+    calibration = curve = measure = None
+
+    def measuring(self):
+        """A copy that computes every step and records the magnitude curve (for the Calibrate Cache node)."""
+        out = copy.copy(self)
+        out.measure, out.calibration, out.curve = [], None, None
+        return out
+
+
 # ----------------------------------------------------------------------------------------------------------- DeepCache
 
-class DeepCacheConfig:
-    def __init__(self, interval, schedule, branch, start_percent, end_percent, forecaster, history, blocks):
+class DeepCacheConfig(CacheConfig):
+    node, cache = "DeepCache", "DeepCache"
+
+    def __init__(self, interval, schedule, branch, start_percent, end_percent, forecaster, history, blocks,
+                 threshold=0.0, calibration=None, curve=None):
         self.interval, self.schedule, self.branch = interval, schedule, branch
         self.start_percent, self.end_percent = start_percent, end_percent
         self.forecaster, self.history, self.blocks = forecaster, history, blocks
+        self.threshold, self.calibration, self.curve = threshold, calibration, curve
+
+    def structure(self):
+        return {"branch": self.branch}
+
+    def measuring(self):
+        out = super().measuring()
+        out.interval, out.schedule = 1, "uniform"
+        return out
 
     def new_run(self, sigmas, model_sampling):
         return DeepCacheRun(self, sigmas, model_sampling)
@@ -96,15 +207,21 @@ class DeepCacheRun(qc.RunState):
         hi, lo = _window(model_sampling, config.start_percent, config.end_percent)
         window = [i for i in range(self.steps) if lo < self.sigmas[i] <= hi]
         start, end = (window[0], window[-1] + 1) if window else (self.steps, self.steps)
-        self.full = set(qc.full_steps(self.steps, config.interval, config.schedule, start, end))
+        if config.curve is not None:        # calibrated: `interval` - 1 partial steps in a row at most
+            self.full = set(qc.calibrated_full_steps(config.curve, self.sigmas, config.threshold,
+                                                     config.interval - 1, start_sigma=hi, end_sigma=lo))
+        else:
+            self.full = set(qc.full_steps(self.steps, config.interval, config.schedule, start, end))
         self.transformer_index = None
         self.partial_calls = 0
 
     def finish(self):
         calls = sum(g.calls for g in self.groups.values())
         full = sum(g.computed for g in self.groups.values())
+        schedule = (f"calibrated by {self.config.calibration['name']!r} at threshold {self.config.threshold}"
+                    if self.config.curve is not None else self.config.schedule)
         line = (f"DeepCache: {full}/{calls} model calls ran the whole UNet, {self.partial_calls} partial "
-                f"(branch {self.branch}, interval {self.config.interval}, {self.config.schedule}, "
+                f"(branch {self.branch}, interval {self.config.interval}, {schedule}, "
                 f"{self.forecaster}) over {self.steps} steps; history peak {self.peak_bytes / 2 ** 20:.2f} MiB")
         return {"line": line, "calls": calls, "computed": full, "partial": self.partial_calls,
                 "peak_bytes": self.peak_bytes, "steps": self.steps}
@@ -146,6 +263,7 @@ def _deepcache_wrapper(executor, *args, **kwargs):
         finally:
             state.current = None
         if call["h"] is not None:
+            state.record_magnitude(site, sigma, call["h"], channel_dim=1)
             site.push(sigma, call["h"])
             state.note_memory()
         group.computed += 1
@@ -185,6 +303,10 @@ def _deepcache_output_patch(h, hsp, transformer_options):
     return h, hsp
 
 
+DEEPCACHE_SCHEDULES = qc.SCHEDULES + ("calibrated",)
+DEEPCACHE_THRESHOLD = 0.24
+
+
 def _unet_class():
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     return UNetModel
@@ -205,9 +327,11 @@ class QuickstepDeepCache(io.ComfyNode):
                 io.Model.Input("model", tooltip="A UNet model (SD1.x / SD2 / SDXL / SVD family)."),
                 io.Int.Input("interval", default=3, min=1, max=10,
                              tooltip="1 full step per `interval` steps inside the window; 1 never caches."),
-                io.Combo.Input("schedule", options=list(qc.SCHEDULES), default="uniform",
+                io.Combo.Input("schedule", options=list(DEEPCACHE_SCHEDULES), default="uniform",
                                tooltip="uniform: every interval-th step is full; non-uniform: the same number of "
-                                       "full steps, denser at the start and end of the window."),
+                                       "full steps, denser at the start and end of the window; calibrated: the "
+                                       "steps MagCache's rule picks from a stored calibration (at most interval-1 "
+                                       "partial steps in a row)."),
                 io.Int.Input("branch", default=0, min=0, max=32,
                              tooltip="Skip branch m: partial steps run input blocks 0..m and the last m+1 output "
                                      "blocks. 0 is fastest; larger is closer to the uncached model."),
@@ -220,14 +344,27 @@ class QuickstepDeepCache(io.ComfyNode):
                                        "order 1/2 in sigma, or Chebyshev least squares over the last full steps."),
                 io.Int.Input("history", default=3, min=1, max=8,
                              tooltip="How many full steps the forecaster keeps (memory: this many deep features)."),
+                io.String.Input("calibration", default="", optional=True,
+                                tooltip="Name of a stored calibration (Calibrate Cache node); needed by, and only "
+                                        "used with, the calibrated schedule."),
+                io.Float.Input("threshold", default=DEEPCACHE_THRESHOLD, min=0.0, max=2.0, step=0.01, optional=True,
+                               tooltip="Calibrated schedule only: error budget of MagCache's rule (sum of "
+                                       "|1 - magnitude ratio| over partial steps in a row). Larger skips more."),
             ],
             outputs=[io.Model.Output(tooltip="The model with DeepCache.")])
 
     @classmethod
-    def execute(cls, model, interval, schedule, branch, start_percent, end_percent, forecaster, history):
+    def execute(cls, model, interval, schedule, branch, start_percent, end_percent, forecaster, history,
+                calibration="", threshold=DEEPCACHE_THRESHOLD):
         node = "DeepCache"
         require_finite(node, "interval", interval, 1, 10)
-        require_choice(node, "schedule", schedule, qc.SCHEDULES)
+        require_choice(node, "schedule", schedule, DEEPCACHE_SCHEDULES)
+        require_finite(node, "threshold", threshold, 0.0, 2.0)
+        calibration = (calibration or "").strip()
+        if (schedule == "calibrated") != bool(calibration):
+            raise QuickstepInputError(node, f"schedule = {schedule!r} with calibration = {calibration!r}: the "
+                                            "calibrated schedule needs a calibration name, and a calibration is used "
+                                            "only by the calibrated schedule")
         require_choice(node, "forecaster", forecaster, qc.FORECASTERS)
         require_finite(node, "history", history, 1, 8)
         require_finite(node, "start_percent", start_percent, 0.0, 1.0)
@@ -245,9 +382,12 @@ class QuickstepDeepCache(io.ComfyNode):
         require_finite(node, "branch", branch, 0, L - 1)
         if KEY in model.model_options.get("transformer_options", {}):
             raise QuickstepInputError(node, "the model already carries a Quickstep cache; apply only one")
+        record = curve = None
+        if calibration:
+            record, curve = load_calibration(node, calibration, "DeepCache", {"branch": branch}, model)
         out = model.clone()
         out.model_options["transformer_options"][KEY] = DeepCacheConfig(
-            interval, schedule, branch, start_percent, end_percent, forecaster, history, L)
+            interval, schedule, branch, start_percent, end_percent, forecaster, history, L, threshold, record, curve)
         import comfy.patcher_extension as pe
         out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_wrapper)
         out.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, _deepcache_wrapper)
@@ -279,10 +419,21 @@ def _dit_layout(dm):
 SUPPORTED_DITS = "Flux (FLUX.1, Flux-based), Chroma and SD3/SD3.5 (MMDiT)"
 
 
-class BlockCacheConfig:
-    def __init__(self, layout, front, back, policy_args, forecaster, history, always):
+class BlockCacheConfig(CacheConfig):
+    node, cache = "Block Cache", "BlockCache"
+
+    def __init__(self, layout, front, back, policy_args, forecaster, history, always, calibration=None, curve=None):
         self.layout, self.front, self.back = layout, front, back
         self.policy_args, self.forecaster, self.history, self.always = policy_args, forecaster, history, always
+        self.calibration, self.curve = calibration, curve
+
+    def structure(self):
+        return {"front_blocks": self.front, "back_blocks": self.back, "blocks": len(self.layout)}
+
+    def measuring(self):
+        out = super().measuring()
+        out.policy_args = dict(self.policy_args, threshold=0.0)
+        return out
 
     def new_run(self, sigmas, model_sampling):
         return BlockCacheRun(self, sigmas, model_sampling)
@@ -297,6 +448,10 @@ class BlockCacheRun(qc.RunState):
         steps = self.steps
         always = frozenset(i % steps for i in config.always if -steps <= i < steps)
         self.policy = qc.SkipPolicy(a["threshold"], a["warmup"], a["max_consecutive"], hi, lo, always)
+        self.planned = None             # calibrated: the steps that compute, fixed before sampling
+        if config.curve is not None:
+            self.planned = frozenset(qc.calibrated_full_steps(config.curve, self.sigmas, a["threshold"],
+                                                              a["max_consecutive"], a["warmup"], hi, lo, always))
         n = len(config.layout)
         self.n, self.mid_lo, self.mid_hi = n, config.front, n - config.back
         self.blocks_run = 0
@@ -308,7 +463,10 @@ class BlockCacheRun(qc.RunState):
         cached = calls - computed
         fc = sum(g.forecast_points for g in self.groups.values())
         ratio = self.blocks_total / self.blocks_run if self.blocks_run else 1.0
-        line = (f"BlockCache F{self.config.front}B{self.config.back}: computed {computed}/{calls} model calls over "
+        policy = (f"calibrated by {self.config.calibration['name']!r}" if self.planned is not None
+                  else "residual probe")
+        line = (f"BlockCache F{self.config.front}B{self.config.back} ({policy}, threshold "
+                f"{self.config.policy_args['threshold']}): computed {computed}/{calls} model calls over "
                 f"{self.steps} steps, {cached} cached"
                 + (f" ({self.forecaster} forecast from {fc / cached:.1f} points avg)" if cached and self.forecaster != "reuse" else "")
                 + f", blocks run {self.blocks_run}/{self.blocks_total} ({ratio:.2f}x less block compute), "
@@ -360,7 +518,10 @@ def _make_block_patch(pos):
                     for k, v in _streams(out).items():
                         start = call["mid_in"][seg].get(k)
                         value = None if (v is None or start is None) else (v - start)
-                        state.site(group, f"{seg}:{k}").push(sigma, value)
+                        site = state.site(group, f"{seg}:{k}")
+                        if k == "img" and pos == state.mid_hi - 1:     # the residual entering the back blocks
+                            state.record_magnitude(site, sigma, value, channel_dim=-1)
+                        site.push(sigma, value)
                     state.note_memory()
             else:
                 if not last:
@@ -386,7 +547,9 @@ def _decide(state, call, group, sigma, probe):
     site = state.site(group, "probe")
     middle_ready = all(len(f) for name, f in group.sites.items() if name != "probe") and len(group.sites) > 1
     compute = True
-    if len(site) and middle_ready and state.policy.may_cache(call["step"], sigma, group.consecutive):
+    if state.planned is not None:
+        compute = call["step"] in state.planned or not middle_ready
+    elif len(site) and middle_ready and state.policy.may_cache(call["step"], sigma, group.consecutive):
         pred = site.predict(sigma)
         change = qc.relative_l1(probe, pred) if pred.shape == probe.shape else float("inf")
         group.last_change = change
@@ -449,13 +612,26 @@ class QuickstepBlockCache(io.ComfyNode):
                 io.String.Input("compute_steps", default="", optional=True,
                                 tooltip="Optional static mask: comma-separated step indices that always compute "
                                         "(negative counts from the end, e.g. 0,1,-1)."),
+                io.Combo.Input("policy", options=list(POLICIES), default="residual-probe", optional=True,
+                               tooltip="residual-probe: skip while the front blocks' residual matches its forecast "
+                                       "(threshold = relative L1). calibrated: MagCache's rule on a stored "
+                                       "calibration (threshold = error budget, sum of |1 - magnitude ratio|)."),
+                io.String.Input("calibration", default="", optional=True,
+                                tooltip="Name of a stored calibration (Calibrate Cache node); needed by, and only "
+                                        "used with, the calibrated policy."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the block cache.")])
 
     @classmethod
     def execute(cls, model, threshold, front_blocks, back_blocks, forecaster, warmup_steps, max_consecutive,
-                start_percent, end_percent, history, compute_steps=""):
+                start_percent, end_percent, history, compute_steps="", policy="residual-probe", calibration=""):
         node = "Block Cache"
+        require_choice(node, "policy", policy, POLICIES)
+        calibration = (calibration or "").strip()
+        if (policy == "calibrated") != bool(calibration):
+            raise QuickstepInputError(node, f"policy = {policy!r} with calibration = {calibration!r}: the calibrated "
+                                            "policy needs a calibration name, and a calibration is used only by the "
+                                            "calibrated policy")
         require_finite(node, "threshold", threshold, 0.0, 2.0)
         require_finite(node, "front_blocks", front_blocks, 1, 64)
         require_finite(node, "back_blocks", back_blocks, 0, 64)
@@ -478,11 +654,15 @@ class QuickstepBlockCache(io.ComfyNode):
                                             f"block to cache: this model has {len(layout)} blocks")
         if KEY in model.model_options.get("transformer_options", {}):
             raise QuickstepInputError(node, "the model already carries a Quickstep cache; apply only one")
+        record = curve = None
+        if calibration:
+            record, curve = load_calibration(node, calibration, "BlockCache", {
+                "front_blocks": front_blocks, "back_blocks": back_blocks, "blocks": len(layout)}, model)
         out = model.clone()
         out.model_options["transformer_options"][KEY] = BlockCacheConfig(
             layout, front_blocks, back_blocks,
             {"threshold": threshold, "warmup": warmup_steps, "max_consecutive": max_consecutive,
-             "start_percent": start_percent, "end_percent": end_percent}, forecaster, history, always)
+             "start_percent": start_percent, "end_percent": end_percent}, forecaster, history, always, record, curve)
         import comfy.patcher_extension as pe
         out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_wrapper)
         for pos, (name, index, _) in enumerate(layout):
@@ -490,4 +670,78 @@ class QuickstepBlockCache(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-NODES = [QuickstepDeepCache, QuickstepBlockCache]
+# -------------------------------------------------------------------------------------------- Calibrate Cache node
+
+def calibrate(model, positive, negative, cfg, sampler, sigmas, latent, seed, name, node="Calibrate Cache"):
+    """Sample once with the model's Quickstep cache computing every step, store the measured magnitude curve as
+    calibration `name` and return the record."""
+    import comfy.sample
+    config = model.model_options.get("transformer_options", {}).get(KEY)
+    if not isinstance(config, CacheConfig):
+        raise QuickstepInputError(node, "the model carries no Quickstep cache: connect the output of DeepCache (UNet) "
+                                        "or Block Cache (DiT) with the layout to calibrate")
+    if sigmas.ndim != 1 or sigmas.shape[0] < 3:
+        raise QuickstepInputError(node, f"sigmas has {max(int(sigmas.shape[0]) - 1, 0)} steps; calibration needs >= 2")
+    path = calibration_path(node, name)
+    measuring = config.measuring()
+    patched = model.clone()
+    patched.model_options["transformer_options"][KEY] = measuring
+    samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    comfy.sample.sample_custom(patched, noise, cfg, sampler, sigmas, positive, negative, samples,
+                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+    try:
+        curve = qc.MagnitudeCurve.from_measurements(float(sigmas[0]), measuring.measure)
+    except ValueError as e:
+        raise QuickstepInputError(node, f"the run gave no usable magnitude curve ({e})")
+    record = {"format": qc.CALIBRATION_FORMAT, "cache": config.cache, "structure": config.structure(),
+              "model": model_signature(model), "sampler": sampler_name(sampler), "cfg": float(cfg),
+              "steps": int(sigmas.shape[0]) - 1, "sigmas": curve.sigmas, "gammas": curve.gammas}
+    write_json_atomically(path, record)
+    logging.info(f"{node}: wrote {path} ({len(curve.gammas)} points, gamma {min(curve.gammas):.3f}.."
+                 f"{max(curve.gammas):.3f})")
+    return record
+
+
+class QuickstepCacheCalibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepCacheCalibration",
+            display_name="Calibrate Cache",
+            category=SUBCATEGORY,
+            description="MagCache-style calibration: samples once with the connected cache computing every step, "
+                        "measures the magnitude curve of the tensor it caches (on your model, sampler, steps and "
+                        "size) and stores it by name for the cache nodes' calibrated policy. Outputs the name.",
+            inputs=[
+                io.Model.Input("model", tooltip="The output of DeepCache (UNet) or Block Cache (DiT) with the branch / "
+                                                "front and back blocks you will use."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning of the calibration run."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning of the calibration run."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="CFG scale of the calibration run (use your own)."),
+                io.Sampler.Input("sampler", tooltip="The sampler you will use: the calibration is tied to it."),
+                io.Sigmas.Input("sigmas", tooltip="The schedule to calibrate on; other step counts of the same "
+                                                  "model are interpolated in sigma."),
+                io.Latent.Input("latent_image", tooltip="Latent of the size you will sample."),
+                io.Int.Input("noise_seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Seed of the calibration run's noise."),
+                io.String.Input("name", default="my_calibration",
+                                tooltip="File name (letters, digits, '-', '_') under "
+                                        f"models/{CALIBRATION_FOLDER}/; an existing one is replaced."),
+            ],
+            outputs=[io.String.Output(display_name="calibration",
+                                      tooltip="The calibration name, for the cache nodes' calibration input.")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, sampler, sigmas, latent_image, noise_seed, name):
+        node = "Calibrate Cache"
+        require_finite(node, "cfg", cfg, 0.0, 100.0)
+        record = calibrate(model, positive, negative, cfg, sampler, sigmas, latent_image, noise_seed, name, node)
+        g = record["gammas"]
+        text = (f"{record['cache']} calibration {name!r}: {record['steps']} steps with {record['sampler']}, "
+                f"magnitude ratio per step {min(g):.3f}..{max(g):.3f}")
+        return io.NodeOutput(name, ui=ui.PreviewText(text))
+
+
+NODES = [QuickstepDeepCache, QuickstepBlockCache, QuickstepCacheCalibration]

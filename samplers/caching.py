@@ -17,13 +17,22 @@ K multiply-adds over the cached tensors and the weights are solved in float64 on
   min(2, K-1) on sigma mapped to [-1, 1] over the history span (the Spectrum idea, kept small). Least squares
   smooths the noise that makes high-order interpolation overshoot.
 The history is bounded (K tensors per cache site and per batch group) and reported in bytes.
+
+Calibrated policy (MagCache): a calibration run computes every step and records, at each sigma, the token-mean ratio
+gamma of the cached tensor's norm to its norm at the previous evaluation. At inference the ratio from the last computed
+step to the current one is read off that curve (interpolated in log sigma, so another step count or schedule of the
+same model works), its distance from 1 is accumulated, and a step is cached while the sum stays within the budget.
+The decision depends only on the curve and the run's sigmas: the compute steps are known before sampling starts.
 """
+import bisect
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 FORECASTERS = ("reuse", "taylor1", "taylor2", "chebyshev")
+CALIBRATION_FORMAT = "quickstep-cache-calibration/1"
 SCHEDULES = ("uniform", "non-uniform")
 
 
@@ -200,6 +209,77 @@ class SkipPolicy:
         return change < self.threshold
 
 
+def token_norm_ratio(current, previous, channel_dim):
+    """MagCache's gamma: mean over tokens (every position off the channel axis) of |current|_2 / |previous|_2."""
+    num = current.float().norm(dim=channel_dim)
+    den = previous.float().norm(dim=channel_dim).clamp_min(1e-12)
+    return float((num / den).mean())
+
+
+class MagnitudeCurve:
+    """The calibrated magnitude curve: sigmas strictly decreasing, gammas[i] = |r(sigmas[i])| / |r(sigmas[i-1])|
+    (gammas[0] = 1). ratio(a, b) is the product of the gammas from a to b, read off log M(sigma) = sum log gamma
+    interpolated linearly in log sigma and held constant outside the calibrated range."""
+
+    def __init__(self, sigmas, gammas):
+        sigmas, gammas = [float(s) for s in sigmas], [float(g) for g in gammas]
+        if len(sigmas) < 2 or len(sigmas) != len(gammas):
+            raise ValueError(f"a magnitude curve needs >= 2 (sigma, gamma) pairs, got {len(sigmas)} sigmas and "
+                             f"{len(gammas)} gammas")
+        if not all(math.isfinite(s) and s > 0 for s in sigmas) or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"calibration sigmas must be positive and strictly decreasing, got {sigmas}")
+        if not all(math.isfinite(g) and g > 0 for g in gammas):
+            raise ValueError(f"calibration gammas must be positive and finite, got {gammas}")
+        self.sigmas, self.gammas = sigmas, gammas
+        self._x = [math.log(s) for s in sigmas]
+        self._logm = list(itertools.accumulate(math.log(g) for g in gammas))
+
+    @classmethod
+    def from_measurements(cls, first_sigma, pairs):
+        """Curve from (sigma, gamma) pairs measured during a run that started at first_sigma; repeated sigmas
+        (several conds, batch groups) are averaged."""
+        by_sigma = {}
+        for s, g in pairs:
+            by_sigma.setdefault(round(float(s), 7), []).append(float(g))
+        sigmas = [float(first_sigma)] + sorted((s for s in by_sigma if s < first_sigma), reverse=True)
+        return cls(sigmas, [1.0] + [sum(by_sigma[s]) / len(by_sigma[s]) for s in sigmas[1:]])
+
+    def log_magnitude(self, sigma):
+        x, xs, ys = math.log(max(float(sigma), 1e-12)), self._x, self._logm
+        if x >= xs[0]:
+            return ys[0]
+        if x <= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_left([-v for v in xs], -x)       # xs decreasing: first index with xs[i] <= x
+        if xs[i] == x:
+            return ys[i]
+        a = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + a * (ys[i] - ys[i - 1])
+
+    def ratio(self, sigma_from, sigma_to):
+        return math.exp(self.log_magnitude(sigma_to) - self.log_magnitude(sigma_from))
+
+
+def calibrated_full_steps(curve, sigmas, threshold, max_consecutive, warmup=0, start_sigma=math.inf,
+                          end_sigma=0.0, always=frozenset()):
+    """MagCache's rule over a run's schedule: the step indices that compute. After each computed step the error
+    err += |1 - ratio(last computed sigma, sigma)| accumulates; a step is cached while err <= threshold, at most
+    max_consecutive in a row, past `warmup`, inside the window end_sigma < sigma <= start_sigma and not in `always`."""
+    sigmas = [float(s) for s in sigmas]
+    full, last, err, run = [], None, 0.0, 0
+    for i in range(max(len(sigmas) - 1, 1)):
+        s = sigmas[i]
+        if (last is not None and threshold > 0 and run < max_consecutive and i >= warmup and i not in always
+                and end_sigma < s <= start_sigma):
+            e = err + abs(1.0 - curve.ratio(sigmas[last], s))
+            if e <= threshold:
+                err, run = e, run + 1
+                continue
+        full.append(i)
+        last, err, run = i, 0.0, 0
+    return full
+
+
 @dataclass
 class GroupState:
     """Cache state of one batch group (the conds evaluated together, keyed by their uuids) within one run."""
@@ -225,6 +305,13 @@ class RunState:
         self.peak_bytes = 0
         self.resets = 0
         self.current = None            # scratch of the model call in progress (calls are sequential)
+        self.measured = None           # list of (sigma, gamma) while calibrating
+
+    def record_magnitude(self, site, sigma, value, channel_dim):
+        """While calibrating: gamma of `value` against the site's last stored value, if sigma moved down."""
+        if self.measured is None or value is None or not len(site) or float(sigma) >= site.times[-1]:
+            return
+        self.measured.append((float(sigma), token_norm_ratio(value, site.values[-1], channel_dim)))
 
     def group(self, uuids, x):
         key = tuple(str(u) for u in uuids) or ("batch",)
@@ -249,22 +336,6 @@ class RunState:
     def note_memory(self):
         total = sum(f.nbytes() for g in self.groups.values() for f in g.sites.values())
         self.peak_bytes = max(self.peak_bytes, total)
-
-    def summary(self, unit_cost=None):
-        """One line: computed calls per group, forecast use, estimated compute ratio and history memory."""
-        calls = sum(g.calls for g in self.groups.values())
-        computed = sum(g.computed for g in self.groups.values())
-        fc = sum(g.forecast_points for g in self.groups.values())
-        parts = [f"{self.name}: computed {computed}/{calls} model calls in full over {self.steps} steps"]
-        if calls > computed and self.forecaster != "reuse":
-            parts.append(f"{calls - computed} forecast ({self.forecaster}, avg {fc / max(calls - computed, 1):.1f} points)")
-        if unit_cost is not None and calls:
-            ratio = calls / max(unit_cost, 1e-9)
-            parts.append(f"~{ratio:.2f}x less compute")
-        parts.append(f"cache history peak {self.peak_bytes / 2 ** 20:.1f} MiB")
-        if self.resets:
-            parts.append(f"{self.resets} state resets (shape/batch change)")
-        return ", ".join(parts)
 
     def clear(self):
         for g in self.groups.values():

@@ -207,3 +207,120 @@ def test_bad_inputs_give_clear_errors(inproc):
     msg = _error(inproc, cache_graph("sd15", ("QuickstepDeepCache", {**NEVER["sd15"][1], "start_percent": 0.9,
                                                                        "end_percent": 0.2}), steps=4))
     assert "start_percent" in msg
+
+
+# ------------------------------------------------------------------------------------- calibrated (MagCache) policy
+
+def test_magnitude_curve_interpolates_in_sigma_and_the_rule_follows_magcache():
+    sig = [10.0, 5.0, 2.0, 1.0, 0.5]
+    curve = qc.MagnitudeCurve(sig, [1.0, 1.1, 1.0, 0.9, 0.5])
+    assert abs(curve.ratio(10.0, 2.0) - 1.1) < 1e-12 and abs(curve.ratio(5.0, 1.0) - 0.9) < 1e-12
+    between = curve.ratio(5.0, math.sqrt(2.0 * 1.0))              # halfway in log sigma between 2 and 1
+    assert abs(between - math.sqrt(0.9)) < 1e-12
+    assert curve.ratio(20.0, 10.0) == 1.0 and abs(curve.ratio(0.5, 0.1) - 1.0) < 1e-12   # held outside the range
+    run = sig + [0.0]
+    # err after step 1: |1-1.1| = 0.1 <= 0.15 cached; step 2: 0.1 + |1-1.1| = 0.2 > 0.15 computes; step 3:
+    # |1-0.9| = 0.1 cached; step 4: 0.1 + |1-0.45| computes.
+    assert qc.calibrated_full_steps(curve, run, 0.15, max_consecutive=5) == [0, 2, 4]
+    assert qc.calibrated_full_steps(curve, run, 0.15, max_consecutive=0) == [0, 1, 2, 3, 4]
+    assert qc.calibrated_full_steps(curve, run, 0.0, max_consecutive=5) == [0, 1, 2, 3, 4]
+    assert qc.calibrated_full_steps(curve, run, 10.0, max_consecutive=5, warmup=2) == [0, 1]
+    measured = qc.MagnitudeCurve.from_measurements(10.0, [(5.0, 1.2), (5.0, 1.0), (2.0, 0.8)])
+    assert measured.sigmas == [10.0, 5.0, 2.0] and abs(measured.gammas[1] - 1.1) < 1e-12
+    with pytest.raises(ValueError):
+        qc.MagnitudeCurve([1.0, 2.0], [1.0, 1.0])
+
+
+CALIBRATE_ONLY = {"sd15": NEVER["sd15"], "flux": NEVER["flux"]}
+CALIBRATED = {
+    "sd15": ("QuickstepDeepCache", {**NEVER["sd15"][1], "interval": 4, "schedule": "calibrated", "threshold": 0.5,
+                                    "start_percent": 0.0, "end_percent": 0.95}),
+    "flux": ("QuickstepBlockCache", {**NEVER["flux"][1], "policy": "calibrated", "threshold": 0.5,
+                                     "warmup_steps": 1, "end_percent": 0.95}),
+}
+
+
+def calibrated_graph(arch, name, steps=12, calibration_steps=12, sampler="euler", cache=None):
+    """cache_graph with a calibrated cache; with calibration_steps, a Calibrate Cache node (its own schedule) makes
+    the calibration `name` in the same graph, else the stored one is loaded by name."""
+    class_type, inputs = cache or CALIBRATED[arch]
+    graph = cache_graph(arch, (class_type, {**inputs, "calibration": name}), steps=steps)
+    graph["sampler"]["inputs"]["sampler_name"] = sampler
+    if calibration_steps:
+        graph["calib_cache"] = {"class_type": CALIBRATE_ONLY[arch][0],
+                                "inputs": {"model": ["model", 0], **CALIBRATE_ONLY[arch][1]}}
+        graph["calib_sigmas"] = {"class_type": "BasicScheduler",
+                                 "inputs": {"model": ["model", 0], "scheduler": SCHEDULER[arch],
+                                            "steps": calibration_steps, "denoise": 1.0}}
+        graph["calib_sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        graph["calib"] = {"class_type": "QuickstepCacheCalibration",
+                          "inputs": {"model": ["calib_cache", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+                                     "cfg": 3.0, "sampler": ["calib_sampler", 0], "sigmas": ["calib_sigmas", 0],
+                                     "latent_image": ["latent", 0], "noise_seed": 7, "name": name}}
+        graph["cache"]["inputs"]["calibration"] = ["calib", 0]
+    return graph
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_calibration_is_stored_and_drives_the_calibrated_policy(inproc, arch):
+    import json
+    import os
+
+    name = f"qs_test_{arch}"
+    plain, n_plain = run_counted(inproc, cache_graph(arch, steps=12))
+    result = inproc.run(calibrated_graph(arch, name))
+    path = inproc.base / "models" / "quickstep_cache_calibrations" / f"{name}.json"
+    record = json.loads(path.read_text())
+    assert record["format"] == qc.CALIBRATION_FORMAT and record["sampler"] == "sample_euler"
+    assert len(record["gammas"]) == 12 and record["gammas"][0] == 1.0 and record["steps"] == 12
+    assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp")]       # written then renamed
+    counter = BlockCounter()
+    try:
+        cached = run_latent(inproc, calibrated_graph(arch, name, calibration_steps=0))
+    finally:
+        counter.close()
+    assert torch.equal(cached, inproc.output(result, "out")["samples"])      # the stored file gives the same run
+    assert counter.count < 0.8 * n_plain, (counter.count, n_plain)
+    assert psnr(cached, plain) > 20.0, psnr(cached, plain)
+    # another step count: the curve is interpolated in sigma
+    other = run_latent(inproc, calibrated_graph(arch, name, steps=9, calibration_steps=0))
+    assert torch.isfinite(other).all()
+
+
+def test_calibration_mismatches_and_incompatible_settings_are_errors(inproc):
+    import json
+
+    folder = inproc.base / "models" / "quickstep_cache_calibrations"
+    if not (folder / "qs_test_flux.json").exists():
+        inproc.run(calibrated_graph("flux", "qs_test_flux"))
+    msg = _error(inproc, calibrated_graph("flux", "qs_test_flux", sampler="dpmpp_2m", calibration_steps=0))
+    assert "sample_euler" in msg and "sample_dpmpp_2m" in msg and "calibrate again" in msg
+    record = json.loads((folder / "qs_test_flux.json").read_text())
+    record["model"]["parameters"] += 1
+    (folder / "qs_test_other_model.json").write_text(json.dumps(record))
+    msg = _error(inproc, calibrated_graph("flux", "qs_test_other_model", calibration_steps=0))
+    assert "another model" in msg and "parameters" in msg
+    deep = ("QuickstepDeepCache", CALIBRATED["sd15"][1])
+    msg = _error(inproc, calibrated_graph("sd15", "qs_test_flux", calibration_steps=0, cache=deep))
+    assert "made for BlockCache, not DeepCache" in msg
+    front2 = ("QuickstepBlockCache", {**CALIBRATED["flux"][1], "front_blocks": 2})
+    msg = _error(inproc, calibrated_graph("flux", "qs_test_flux", calibration_steps=0, cache=front2))
+    assert "front_blocks" in msg and "calibrate again" in msg
+    msg = _error(inproc, calibrated_graph("flux", "qs_test_missing", calibration_steps=0))
+    assert "no file" in msg and "Calibrate Cache" in msg
+    msg = _error(inproc, cache_graph("flux", ("QuickstepBlockCache", {**NEVER["flux"][1], "policy": "calibrated"}),
+                                     steps=4))
+    assert "needs a calibration name" in msg
+    msg = _error(inproc, cache_graph("sd15", ("QuickstepDeepCache", {**NEVER["sd15"][1], "calibration": "x"}),
+                                     steps=4))
+    assert "calibration is used only by the calibrated schedule" in msg
+    msg = _error(inproc, calibrated_graph("flux", "../etc", calibration_steps=0))
+    assert "may hold only letters" in msg
+    graph = cache_graph("flux", steps=4)
+    graph["calib"] = {"class_type": "QuickstepCacheCalibration",
+                      "inputs": {"model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": 3.0,
+                                 "sampler": ["sampler", 0], "sigmas": ["sigmas", 0], "latent_image": ["latent", 0],
+                                 "noise_seed": 0, "name": "qs_test_uncached"}}
+    graph["keep_calib"] = sink("calib")
+    msg = _error(inproc, graph)
+    assert "carries no Quickstep cache" in msg
