@@ -324,3 +324,115 @@ def test_calibration_mismatches_and_incompatible_settings_are_errors(inproc):
     graph["keep_calib"] = sink("calib")
     msg = _error(inproc, graph)
     assert "carries no Quickstep cache" in msg
+
+
+# ------------------------------------------- host patch mechanisms: LoRA, ControlNet, torch.compile (tiny SD1.5 UNet)
+
+DEEPCACHE_SKIPPING = {**SKIPPING["sd15"][1], "interval": 2, "start_percent": 0.0}
+
+
+def sample_sd15(patcher, positive, negative, steps=8):
+    """The host's own sampling path (SamplerCustom's), batch 1, CFG 3, euler, seeded noise."""
+    import comfy.sample
+    import comfy.samplers
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", steps).cpu()
+    return comfy.sample.sample_custom(patcher, noise, 3.0, comfy.samplers.sampler_object("euler"), sigmas, positive,
+                                      negative, torch.zeros_like(noise), disable_pbar=True, seed=0)
+
+
+def deepcache(patcher, inputs):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS["QuickstepDeepCache"].execute(model=patcher, **inputs)[0]
+
+
+def check_cache_keeps_patch(base_plain, patched_plain, never, skipping):
+    """A patch the cache must honour: never-skipping equals the patched model exactly, and the skipping cache
+    stays nearer the patched model than the unpatched one (the patch is not bypassed)."""
+    assert psnr(patched_plain, base_plain) < 25.0                      # the patch changes the result
+    assert (never - patched_plain).abs().max().item() <= 1e-6
+    assert psnr(skipping, patched_plain) > max(20.0, psnr(skipping, base_plain) + 3.0), (
+        psnr(skipping, patched_plain), psnr(skipping, base_plain))
+
+
+@pytest.fixture(scope="module")
+def sd15_setup(inproc):
+    from modelzoo import tiny_host
+    base = tiny_host.build_tiny("sd15", 0)
+    pos, neg = tiny_host.tiny_conditioning("sd15", 0), tiny_host.tiny_conditioning("sd15", 1)
+    return base, pos, neg, sample_sd15(base, pos, neg)
+
+
+def test_deepcache_on_a_lora_patched_model(sd15_setup):
+    """LoRA through the host's loader path (comfy.sd.load_lora_for_models, what LoraLoader runs on a file): rank-1
+    patches on a layer the partial steps run (last output block) and one they skip (middle block)."""
+    import comfy.sd
+    base, pos, neg, base_plain = sd15_setup
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for key, (out_f, in_f) in {"diffusion_model.output_blocks.3.1.proj_out": (32, 32),
+                               "diffusion_model.middle_block.1.proj_out": (64, 64)}.items():
+        lora[f"{key}.lora_up.weight"] = torch.randn(out_f, 1, generator=g)
+        lora[f"{key}.lora_down.weight"] = torch.randn(1, in_f, generator=g) / in_f ** 0.5
+    patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
+    assert len(patched.patches) == 2
+    check_cache_keeps_patch(base_plain, sample_sd15(patched, pos, neg),
+                            sample_sd15(deepcache(patched, NEVER["sd15"][1]), pos, neg),
+                            sample_sd15(deepcache(patched, DEEPCACHE_SKIPPING), pos, neg))
+
+
+def test_deepcache_with_a_controlnet(sd15_setup):
+    """A ControlNet built from the host's classes (comfy.cldm ControlNet in comfy.controlnet.ControlNet, shaped like
+    the tiny UNet) applied by the stock ControlNetApplyAdvanced node."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+    import nodes
+    from modelzoo import tiny_host
+    base, pos, neg, base_plain = sd15_setup
+    config = {k: v for k, v in tiny_host._SD15_UNET.items() if k != "out_channels"}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                               dtype=torch.float32, device="cpu", **config)
+    tiny_host.seeded_init_(control_model, 3)
+    control = comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(2))
+    cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 0.5, 0.0, 1.0)
+    check_cache_keeps_patch(base_plain, sample_sd15(base, cpos, cneg),
+                            sample_sd15(deepcache(base, NEVER["sd15"][1]), cpos, cneg),
+                            sample_sd15(deepcache(base, DEEPCACHE_SKIPPING), cpos, cneg))
+
+
+def test_deepcache_under_torch_compile_of_the_diffusion_model(inproc):
+    """The host's torch.compile wrapper (what TorchCompileModel sets, here with the CPU-cheap "eager" backend) over
+    the cached model: the same numbers as the uncompiled cached model, and dynamo really traced graphs. The UNet is
+    the tiny SD1.5 one without attention layers (host classes), which halves the tracing time."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from modelzoo import tiny_host
+    from torch._dynamo.utils import counters
+    config = comfy.supported_models.SD15(dict(tiny_host._SD15_UNET, transformer_depth=[0, 0],
+                                              transformer_depth_output=[0, 0, 0, 0], transformer_depth_middle=0))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=comfy.model_management.unet_offload_device())
+    tiny_host.seeded_init_(model.diffusion_model, 0)
+    base = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+    pos, neg = tiny_host.tiny_conditioning("sd15", 0), tiny_host.tiny_conditioning("sd15", 1)
+    cached = deepcache(base, DEEPCACHE_SKIPPING)
+    reference = sample_sd15(cached, pos, neg, steps=3)             # steps 0, 2 full, step 1 partial
+    assert not torch.equal(reference, sample_sd15(base, pos, neg, steps=3))
+    compiled = cached.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = sample_sd15(compiled, pos, neg, steps=3)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs > 0
+    assert (out - reference).abs().max().item() <= 1e-5
