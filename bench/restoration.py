@@ -1,12 +1,18 @@
-"""Restoration benchmark: PSNR and measurement consistency on held-out real MNIST digits with the embedded digit model.
+"""Restoration benchmark: PSNR, SSIM and measurement consistency on held-out real MNIST digits.
 
-Tasks: x4 super-resolution, 50% box inpainting, 50% random-pixel inpainting, Gaussian deblur (9x9, sigma 2), each with
-sigma_y = 0 and 0.05.  Methods: the pseudo-inverse (and bicubic for SR) baselines, unguided sampling, DDNM+,
-RePaint (inpainting), and CCDF (pseudo-inverse forward-diffused to t0 = 0.3, then DDNM+ on the remaining steps).
-Sampling goes through the host's own path (comfy.sample.sample_custom), unconditional prior, cfg 1, karras schedule.
+Priors: the project's trained digit model (`digit`, eps, 32x32) and the pretrained MNIST DDPM (`ddpm`, 28x28, from
+../shared/models).  Tasks: x4 super-resolution, 50% box inpainting, 50% random-pixel inpainting, Gaussian deblur (9x9,
+sigma 2), each with sigma_y = 0 and 0.05.  Methods: the pseudo-inverse (and bicubic for SR) baselines, unguided
+sampling, DDNM+, RePaint (inpainting), PiGDM, DPS, RED-diff, and CCDF (pseudo-inverse forward-diffused to t0 = 0.25,
+then PiGDM on the remaining quarter of the steps).  Sampling goes through the host's own path
+(comfy.sample.sample_custom), unconditional prior, cfg 1, karras schedule, the same noises for every method.
 
-usage: python -m bench.restoration [--samples 50] [--steps 20]
-Writes bench/results/restoration.json and prints a markdown table.
+Per method: seconds per step (model calls + guidance, this machine) and the autograd memory one step saves for its
+backward pass (bytes of the tensors autograd saves, counted with saved_tensors_hooks: 0 for methods without a
+gradient through the model; freed after each step).
+
+usage: python -m bench.restoration [--model digit|ddpm] [--samples 24] [--steps 30]
+Writes bench/results/restoration_<model>.json and prints a markdown table.
 """
 import argparse
 import json
@@ -16,83 +22,127 @@ import time
 import torch
 
 from samplers import guidance, operators
-from samplers.operators import consistency, psnr
+from samplers.operators import consistency, psnr, ssim
 from testbed.host import HOST_DIR, PACK_DIR
 
 RESULTS = PACK_DIR / "bench" / "results"
+CCDF_T0 = 0.25
 
 
-def tasks(sigma_y):
+def tasks(size, sigma_y):
     return {"sr_x4": operators.Downsample(4, sigma_y),
-            "inpaint_box50": operators.Inpaint(operators.box_mask(32, 32, 0.5, "bottom"), sigma_y),
-            "inpaint_random50": operators.Inpaint(operators.random_mask(32, 32, 0.5, seed=0), sigma_y),
+            "inpaint_box50": operators.Inpaint(operators.box_mask(size, size, 0.5, "bottom"), sigma_y),
+            "inpaint_random50": operators.Inpaint(operators.random_mask(size, size, 0.5, seed=0), sigma_y),
             "deblur_g2": operators.GaussianBlur(9, 2.0, sigma_y)}
+
+
+class SavedBytes:
+    """Peak bytes autograd saves for backward inside one step (saved_tensors_hooks)."""
+
+    def __init__(self):
+        self.current = self.peak = 0
+
+    def pack(self, t):
+        self.current += t.numel() * t.element_size()
+        self.peak = max(self.peak, self.current)
+        return t
+
+    def unpack(self, t):
+        return t
+
+    def step_done(self):
+        self.current = 0
+
+
+def load_prior(name, samples):
+    """(model patcher, clean held-out digits in the model's units, unconditional cond, units per [-1, 1] unit).
+    The digit model's data spans [-1, 1]; the DDPM's is pixel / 255 - 0.5 (28x28), half that scale: its operators get
+    sigma_y / 2 and every figure is reported in [-1, 1] units."""
+    from modelzoo import mnist_unet
+    _, _, pixels, labels = mnist_unet.mnist_split()
+    index = (torch.arange(samples) * (len(labels) // samples)).numpy()
+    if name == "digit":
+        return (mnist_unet.load_mnist_model(prediction="eps"), mnist_unet.mnist_to_latent(pixels[index]),
+                mnist_unet.unconditional_conditioning(samples), 1.0)
+    from testbed import mnist_ddpm
+    clean = torch.as_tensor(pixels[index], dtype=torch.float32).reshape(-1, *mnist_ddpm.LATENT_SHAPE) / 255.0 - 0.5
+    return mnist_ddpm.load_ddpm_model(), clean, [[torch.zeros(1, 1, 1), {}]], 0.5
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", choices=["digit", "ddpm"], default="digit")
+    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sigma-y", type=float, nargs="+", default=[0.0, 0.05])
-    parser.add_argument("--out", default=str(RESULTS / "restoration.json"))
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)
     InProcessHost(HOST_DIR / "benchbase")
-    torch.set_grad_enabled(False)
     import comfy.sample
     import comfy.samplers
-    from modelzoo import mnist_unet
 
-    model = mnist_unet.load_mnist_model(prediction="eps")
-    _, _, pixels, labels = mnist_unet.mnist_split()
-    index = torch.arange(args.samples) * (len(labels) // args.samples)
-    clean = mnist_unet.mnist_to_latent(pixels[index.numpy()])
-    cond = mnist_unet.unconditional_conditioning(args.samples)
+    model, clean, cond, units = load_prior(args.model, args.samples)
+    size = clean.shape[-1]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", args.steps).cpu()
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    saved = SavedBytes()
 
     def sample(fn, options, sig, latent):
         sampler = comfy.samplers.KSAMPLER(fn, extra_options=options)
+        saved.peak = saved.current = 0
         t = time.time()
-        out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sig, cond, cond, latent, disable_pbar=True,
-                                         seed=0)
-        return out.float().cpu(), time.time() - t
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sig, cond, cond, latent, disable_pbar=True,
+                                             seed=0, callback=lambda *a: saved.step_done())
+        return out.float().cpu(), time.time() - t, saved.peak
 
-    unguided, unguided_s = sample(comfy.samplers.ksampler("euler_ancestral").sampler_function, {}, sigmas,
-                                  torch.zeros_like(clean))
+    torch.set_grad_enabled(False)
+    unguided = sample(comfy.samplers.ksampler("euler_ancestral").sampler_function, {}, sigmas, torch.zeros_like(clean))
     results, t0 = {}, time.time()
     for sigma_y in args.sigma_y:
-        for task, op in tasks(sigma_y).items():
-            y = operators.add_noise(op.forward(clean), sigma_y, seed=1)
+        for task, op in tasks(size, sigma_y * units).items():
+            if args.tasks and task not in args.tasks:
+                continue
+            y = operators.add_noise(op.forward(clean), sigma_y * units, seed=1)
             pinv = op.pinv(y)
-            rows = {"pseudo_inverse": (pinv, 0, 0.0), "unguided": (unguided, args.steps, unguided_s)}
+            rows = {"pseudo_inverse": (pinv, 0, 0.0, 0), "unguided": (unguided[0], args.steps, *unguided[1:])}
             if task.startswith("sr"):
-                rows["bicubic"] = (torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic"), 0, 0.0)
-            base = dict(operator=op, measurement=y, eta=1.0)
-            out, s = sample(guidance.sample_restoration, dict(base, method="ddnm"), sigmas, torch.zeros_like(clean))
-            rows["ddnm+"] = (out, args.steps, s)
+                rows["bicubic"] = (torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic"), 0, 0.0, 0)
+            base = dict(operator=op, measurement=y)
+            runs = {"ddnm+": dict(method="ddnm", eta=1.0), "pigdm": dict(method="pigdm", eta=1.0),
+                    "dps": dict(method="dps", eta=1.0), "reddiff": dict(method="reddiff")}
             if task.startswith("inpaint"):
-                out, s = sample(guidance.sample_restoration, dict(base, method="repaint", jump_length=2,
-                                                                  resample_count=2), sigmas, torch.zeros_like(clean))
-                rows["repaint_j2_r2"] = (out, 2 * args.steps, s)
-            tail = guidance.ccdf_sigmas(sigmas, 0.3)
-            out, s = sample(guidance.sample_restoration, dict(base, method="ddnm"), tail, pinv)
-            rows["ccdf_t0.3+ddnm+"] = (out, len(tail) - 1, s)
+                runs["repaint_j2_r2"] = dict(method="repaint", eta=1.0, jump_length=2, resample_count=2)
+            for name, options in runs.items():
+                out, sec, mem = sample(guidance.sample_restoration, dict(base, **options), sigmas,
+                                       torch.zeros_like(clean))
+                nfe = args.steps * options.get("resample_count", 1)
+                rows[name] = (out, nfe, sec, mem)
+            tail = guidance.ccdf_sigmas(sigmas, CCDF_T0)
+            out, sec, mem = sample(guidance.sample_restoration, dict(base, method="pigdm", eta=1.0), tail, pinv)
+            rows[f"ccdf_t0={CCDF_T0}+pigdm"] = (out, len(tail) - 1, sec, mem)
             key = f"{task} sigma_y={sigma_y}"
-            results[key] = {m: {"psnr": psnr(x, clean), "consistency": consistency(op, x, y), "nfe": nfe,
-                                "seconds": round(sec, 2)} for m, (x, nfe, sec) in rows.items()}
+            results[key] = {m: {"psnr": psnr(x / units, clean / units), "ssim": ssim(x / units, clean / units),
+                                "consistency": consistency(op, x, y) / units,
+                                "nfe": nfe, "s_per_step": round(sec / max(nfe, 1), 4), "saved_bytes_per_step": mem}
+                            for m, (x, nfe, sec, mem) in rows.items()}
             print(key, {m: round(v["psnr"], 2) for m, v in results[key].items()}, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"samples": args.samples, "steps": args.steps, "results": results, "wall_s": time.time() - t0},
-                  f, indent=1)
-    print("| task | method | PSNR dB | ||A x - y|| (RMS) | NFE | s |\n|---|---|---|---|---|---|")
+    out_path = args.out or str(RESULTS / f"restoration_{args.model}.json")
+    with open(out_path, "w") as f:
+        json.dump({"model": args.model, "samples": args.samples, "steps": args.steps, "results": results,
+                   "wall_s": time.time() - t0}, f, indent=1)
+    print("| task | method | PSNR dB | SSIM | RMS(A x - y) | NFE | s/step | autograd MB/step |\n"
+          "|---|---|---|---|---|---|---|---|")
     for key, rows in results.items():
         for m, v in rows.items():
-            print(f"| {key} | {m} | {v['psnr']:.2f} | {v['consistency']:.4f} | {v['nfe']} | {v['seconds']} |")
-    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+            print(f"| {key} | {m} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['consistency']:.4f} | {v['nfe']} | "
+                  f"{v['s_per_step']} | {v['saved_bytes_per_step'] / 2 ** 20:.1f} |")
+    print(f"wrote {out_path} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Restoration with a diffusion model as the prior: degradation operators, test measurements, the pseudo-inverse
-start (CCDF / baseline) and guided samplers (DDNM+, RePaint resampling) for SamplerCustom / SamplerCustomAdvanced.
+start (CCDF / baseline) and guided samplers (DDNM+, RePaint resampling, PiGDM, DPS, RED-diff) for SamplerCustom /
+SamplerCustomAdvanced.
 
-Operators act on the sampler's state space: exact for pixel-space models (the embedded digit model, whose latent is
-the image).  For latent models they act on the latent itself (a latent mask, a latent block average), which is the
-spec's cheap "latent-space operator" level, not the pixel operator through the VAE.
+Without a VAE, operators act on the sampler's state space: exact for pixel-space models (the embedded digit model,
+whose latent is the image); for latent models that is the spec's cheap "latent-space operator" level (a latent mask, a
+latent block average).  With a VAE connected (PiGDM, DPS, RED-diff only) the operator acts on the decoded image and
+the measurement is an IMAGE: the gradient goes through the decoder (a TAESD VAE from VAELoader is the fast option).
 
 CCDF in a graph: Degrade Image (or Pseudo-inverse Estimate) -> its pseudo-inverse LATENT as the latent_image of
 SamplerCustom, BasicScheduler with denoise = t0 (e.g. 0.3), and the Restoration Sampler: the host forward-diffuses
@@ -18,7 +20,8 @@ from ..samplers import guidance, operators
 
 RESTORATION_CATEGORY = f"{CATEGORY}/restoration"
 Operator = io.Custom("QUICKSTEP_OPERATOR")
-KINDS = ("super_resolution", "inpaint_box", "inpaint_random", "inpaint_mask", "gaussian_blur", "grayscale")
+KINDS = ("super_resolution", "inpaint_box", "inpaint_random", "inpaint_mask", "gaussian_blur", "motion_blur",
+         "kernel_blur", "grayscale", "jpeg")
 SIDES = ("bottom", "top", "left", "right", "center")
 
 
@@ -44,8 +47,9 @@ class QuickstepDegradationOperator(io.ComfyNode):
                         "models such as the digit model).",
             inputs=[io.Combo.Input("kind", options=list(KINDS), default="super_resolution",
                                    tooltip="super_resolution: average-pool downsampling; inpaint_*: keep only the "
-                                           "known pixels; gaussian_blur: circular Gaussian blur; grayscale: channel "
-                                           "mean (colorization)."),
+                                           "known pixels; gaussian_blur / motion_blur / kernel_blur (the kernel "
+                                           "input): circular blur; grayscale: channel mean (colorization); jpeg: "
+                                           "differentiable JPEG (no pseudo-inverse: DPS and RED-diff only)."),
                     io.Combo.Input("factor", options=["2", "4", "8"], default="4",
                                    tooltip="Downsampling factor (super_resolution)."),
                     io.Float.Input("sigma_y", default=0.0, min=0.0, max=10.0, step=0.01,
@@ -65,21 +69,35 @@ class QuickstepDegradationOperator(io.ComfyNode):
                                  tooltip="Odd size of the Gaussian kernel (gaussian_blur)."),
                     io.Float.Input("blur_sigma", default=2.0, min=0.1, max=20.0, step=0.1,
                                    tooltip="Std of the Gaussian kernel in pixels (gaussian_blur)."),
+                    io.Float.Input("angle", default=30.0, min=-360.0, max=360.0, step=1.0,
+                                   tooltip="Direction of the motion streak in degrees (motion_blur; its length is "
+                                           "kernel_size)."),
+                    io.Float.Input("direction", default=0.0, min=-1.0, max=1.0, step=0.1,
+                                   tooltip="Weighting along the streak: 0 uniform, -1 / 1 heavier at one end "
+                                           "(motion_blur)."),
+                    io.Int.Input("jpeg_quality", default=30, min=1, max=100,
+                                 tooltip="JPEG quality (jpeg)."),
                     io.Int.Input("channels", default=1, min=1, max=64,
-                                 tooltip="Channel count of the latent (grayscale)."),
+                                 tooltip="Channel count of the image the operator acts on (grayscale)."),
                     io.Mask.Input("mask", optional=True,
                                   tooltip="inpaint_mask: 1 = pixel to fill in, 0 = known (ComfyUI's convention); "
-                                          "must have the latent's height and width (it is not resized).")],
+                                          "must have the operated image's height and width (it is not resized: "
+                                          "a size mismatch is refused with both sizes named)."),
+                    io.Image.Input("kernel", optional=True,
+                                   tooltip="kernel_blur: the blur kernel as an image (odd square size, channels "
+                                           "averaged, normalised to sum 1).")],
             outputs=[Operator.Output(display_name="operator")])
 
     @classmethod
     def execute(cls, kind, factor, sigma_y, fraction, side, width, height, mask_seed, kernel_size, blur_sigma,
-                channels, mask=None):
+                angle, direction, jpeg_quality, channels, mask=None, kernel=None):
         label = "Degradation Operator"
         require_choice(label, "kind", kind, KINDS)
         require_finite(label, "sigma_y", sigma_y, 0.0, 10.0)
         require_finite(label, "fraction", fraction, 0.0, 1.0)
         require_finite(label, "blur_sigma", blur_sigma, 0.1, 20.0)
+        require_finite(label, "angle", angle, -360.0, 360.0)
+        require_finite(label, "direction", direction, -1.0, 1.0)
         try:
             if kind == "super_resolution":
                 require_choice(label, "factor", factor, ("2", "4", "8"))
@@ -97,6 +115,16 @@ class QuickstepDegradationOperator(io.ComfyNode):
                 if kernel_size % 2 == 0:
                     raise QuickstepInputError(label, f"kernel_size = {kernel_size} must be odd")
                 op = operators.GaussianBlur(kernel_size, blur_sigma, sigma_y)
+            elif kind == "motion_blur":
+                if kernel_size % 2 == 0:
+                    raise QuickstepInputError(label, f"kernel_size = {kernel_size} must be odd")
+                op = operators.MotionBlur(kernel_size, angle, direction, sigma_y)
+            elif kind == "kernel_blur":
+                if kernel is None:
+                    raise QuickstepInputError(label, "kind = 'kernel_blur' needs the kernel input connected")
+                op = operators.Blur(kernel[0].float().mean(dim=-1), sigma_y)
+            elif kind == "jpeg":
+                op = operators.JPEG(jpeg_quality, sigma_y)
             else:
                 op = operators.Grayscale(channels, sigma_y)
         except operators.OperatorError as error:
@@ -110,7 +138,7 @@ class QuickstepDegrade(io.ComfyNode):
         return io.Schema(
             node_id="QuickstepDegrade", display_name="Degrade Image", category=RESTORATION_CATEGORY,
             description="Makes a test measurement y = A x + sigma_y z from a clean latent, and its pseudo-inverse "
-                        "restoration A+ y (the baseline, and the CCDF start).",
+                        "restoration A+ y (the baseline, and the CCDF start; JPEG, which has none, gives y itself).",
             inputs=[Operator.Input("operator", tooltip="The degradation from a Degradation Operator node."),
                     io.Latent.Input("samples", tooltip="The clean latent to degrade (for the digit model: the image)."),
                     io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
@@ -125,10 +153,41 @@ class QuickstepDegrade(io.ComfyNode):
         try:
             operator.check_image(tuple(x.shape))
             y = operators.add_noise(operator.forward(x.float()), operator.sigma_y, seed)
-            estimate = operator.pinv(y)
+            estimate = operator.pinv(y) if operator.has_pinv else y
         except operators.OperatorError as error:
             raise QuickstepInputError(label, str(error)) from None
         return io.NodeOutput({"samples": y}, {"samples": estimate})
+
+
+class QuickstepDegradePixels(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepDegradePixels", display_name="Degrade Pixels", category=RESTORATION_CATEGORY,
+            description="Makes a test measurement y = A x + sigma_y z from a clean IMAGE (the operator acts on pixels "
+                        "in [-1, 1]), for the Restoration Sampler with a VAE; also its pseudo-inverse image (the "
+                        "baseline; VAE-encode it for a CCDF start). Operators without a pseudo-inverse (JPEG) give "
+                        "the measurement itself there.",
+            inputs=[Operator.Input("operator", tooltip="The degradation from a Degradation Operator node."),
+                    io.Image.Input("image", tooltip="The clean image to degrade."),
+                    io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                                 tooltip="Seed of the measurement noise (when sigma_y > 0).")],
+            outputs=[io.Image.Output(display_name="measurement"),
+                     io.Image.Output(display_name="pseudo_inverse")])
+
+    @classmethod
+    def execute(cls, operator, image, seed):
+        label = "Degrade Pixels"
+        if not torch.is_tensor(image) or image.dim() != 4 or not torch.isfinite(image).all():
+            raise QuickstepInputError(label, "image must be a finite IMAGE [B, H, W, C]")
+        x = image.float().movedim(-1, 1) * 2 - 1
+        try:
+            operator.check_image(tuple(x.shape))
+            y = operators.add_noise(operator.forward(x), operator.sigma_y, seed)
+            estimate = operator.pinv(y) if operator.has_pinv else y
+        except operators.OperatorError as error:
+            raise QuickstepInputError(label, str(error)) from None
+        return io.NodeOutput(((y + 1) / 2).movedim(1, -1), ((estimate + 1) / 2).clamp(0, 1).movedim(1, -1))
 
 
 class QuickstepPseudoInverse(io.ComfyNode):
@@ -152,13 +211,31 @@ class QuickstepPseudoInverse(io.ComfyNode):
             raise QuickstepInputError(label, str(error)) from None
 
 
-def _guarded(label, fn):
-    """The sampler with its options checked and operator/measurement mismatches reported under `label`."""
+def _decoder_for(vae, model):
+    """Dec(z) for a sampler state z (the model's processed latent): the VAE's own decoder module, differentiable,
+    images in [-1, 1] as [B, C, H, W]; the VAE's weights are made usable by autograd first."""
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([vae.patcher])
+    base_model = guidance.host_module(model)
+    guidance.autograd_ready(vae.first_stage_model)
+
+    def decode(z):
+        latent = base_model.process_latent_out(z) if base_model is not None else z
+        pixels = vae.first_stage_model.decode(latent.to(device=vae.device, dtype=vae.vae_dtype))
+        return pixels.float().to(z.device)
+    return decode
+
+
+def _guarded(label, fn, vae=None):
+    """The sampler with its options checked and operator/measurement mismatches reported under `label`; with a VAE,
+    the decoder is built from the sampling model (its latent format) when sampling starts."""
     from .samplers import checked
     inner = checked(label, fn)
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         try:
+            if vae is not None:
+                options["decoder"] = _decoder_for(vae, model)
             return inner(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
         except operators.OperatorError as error:
             raise QuickstepInputError(label, str(error)) from None
@@ -172,40 +249,76 @@ class QuickstepRestorationSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QuickstepRestorationSampler", display_name="Restoration Sampler", category=RESTORATION_CATEGORY,
-            description="A SAMPLER that restores a measurement with the model as the prior: DDNM+ (range/null-space "
-                        "replacement of the denoised estimate, noise-aware) or RePaint (projection of the noisy "
-                        "state onto the noised measurement, with resampling). No gradient through the model: one "
-                        "model call per step (times resample_count). Use with SamplerCustom; for CCDF give the "
-                        "pseudo-inverse latent as latent_image and a scheduler with denoise < 1.",
+            description="A SAMPLER that restores a measurement with the model as the prior. ddnm: DDNM+ "
+                        "(range/null-space replacement, noise-aware); repaint: projection of the noisy state onto the "
+                        "noised measurement, with resampling; pigdm: PiGDM (pseudo-inverse guidance through the "
+                        "model's Jacobian); dps: DPS (gradient of the measurement error through the model; works for "
+                        "JPEG); reddiff: RED-diff (Adam on the image with the model as a regulariser). Per step: "
+                        "ddnm / repaint / reddiff one model call without a model gradient; pigdm / dps one model call "
+                        "plus one backward pass (about 3x the time, activations of one step in memory). Use with "
+                        "SamplerCustom; for CCDF give the pseudo-inverse latent as latent_image and a scheduler with "
+                        "denoise < 1. NaN/inf during sampling stops the run with an error naming the step.",
             inputs=[Operator.Input("operator", tooltip="The degradation the measurement went through."),
-                    io.Latent.Input("measurement", tooltip="The measured (degraded) latent y."),
+                    io.Latent.Input("measurement", optional=True,
+                                    tooltip="The measured (degraded) latent y (operator on the latent: no VAE)."),
                     io.Combo.Input("method", options=list(guidance.METHODS), default="ddnm",
-                                   tooltip="ddnm: DDNM+ on the denoised estimate (all operators); repaint: RePaint "
-                                           "blend of the noised measurement into the state (best for inpainting)."),
+                                   tooltip="ddnm / repaint / pigdm need the operator's pseudo-inverse; dps and "
+                                           "reddiff accept any operator (JPEG too); with a VAE: pigdm, dps, reddiff."),
                     io.Float.Input("eta", default=0.85, min=0.0, max=1.0, step=0.05,
-                                   tooltip="Fresh-noise share of each step (0: DDIM, 1: ancestral/DDPM)."),
+                                   tooltip="Fresh-noise share of each step (0: DDIM, 1: ancestral/DDPM); not used "
+                                           "by reddiff."),
                     io.Int.Input("jump_length", default=1, min=1, max=1000,
-                                 tooltip="Steps between time-travel back-jumps (RePaint's j)."),
+                                 tooltip="Steps between time-travel back-jumps (RePaint's j; not reddiff)."),
                     io.Int.Input("resample_count", default=1, min=1, max=100,
                                  tooltip="How many times each block of jump_length steps is run (RePaint's r; "
-                                         "1 = no resampling). Multiplies the model calls.")],
+                                         "1 = no resampling). Multiplies the model calls."),
+                    io.Float.Input("strength", default=1.0, min=0.0, max=1000.0, step=0.05,
+                                   tooltip="Multiplies the method's own guidance strength (DPS zeta, PiGDM weight, "
+                                           "RED-diff lambda); ddnm and repaint ignore it. Too large diverges: the run "
+                                           "then stops with an error."),
+                    io.Float.Input("learning_rate", default=guidance.REDDIFF_LR, min=0.001, max=10.0, step=0.01,
+                                   tooltip="Adam learning rate of RED-diff (image units per iteration)."),
+                    io.Image.Input("measurement_image", optional=True,
+                                   tooltip="The measured IMAGE y when a VAE is connected (operator on pixels)."),
+                    io.Vae.Input("vae", optional=True,
+                                 tooltip="Decoder for pixel operators on latent models (pigdm, dps, reddiff): the "
+                                         "gradient goes through it. A TAESD VAE (VAELoader taesd / taesdxl / "
+                                         "taef1) is the fast approximate option.")],
             outputs=[io.Sampler.Output()])
 
     @classmethod
-    def execute(cls, operator, measurement, method, eta, jump_length, resample_count):
+    def execute(cls, operator, method, eta, jump_length, resample_count, strength, learning_rate, measurement=None,
+                measurement_image=None, vae=None):
         import comfy.samplers
         label = "Restoration Sampler"
         require_choice(label, "method", method, guidance.METHODS)
         require_finite(label, "eta", eta, 0.0, 1.0)
-        y = _samples(label, "measurement", measurement).float()
+        require_finite(label, "strength", strength, 0.0, 1000.0)
+        require_finite(label, "learning_rate", learning_rate, 0.001, 10.0)
+        if vae is not None:
+            if method not in guidance.ACCEPTS_DECODER:
+                raise QuickstepInputError(label, f"method = '{method}' works on the latent and cannot use a VAE; "
+                                                 f"use one of {', '.join(guidance.ACCEPTS_DECODER)}, or disconnect vae")
+            if measurement_image is None:
+                raise QuickstepInputError(label, "with a VAE the operator acts on pixels: connect measurement_image "
+                                                 "(the measured IMAGE)")
+            if not torch.isfinite(measurement_image).all():
+                raise QuickstepInputError(label, "measurement_image holds NaN or inf values")
+            y = measurement_image.float().movedim(-1, 1) * 2 - 1
+        else:
+            if measurement is None:
+                raise QuickstepInputError(label, "connect measurement (a LATENT); a measurement_image needs a VAE "
+                                                 f"and method pigdm, dps or reddiff (method is '{method}')")
+            y = _samples(label, "measurement", measurement).float()
         options = dict(operator=operator, measurement=y, method=method, eta=float(eta), jump_length=jump_length,
-                       resample_count=resample_count)
+                       resample_count=resample_count, strength=float(strength), learning_rate=float(learning_rate))
         try:
             guidance.validate(**options)
         except ValueError as error:
             raise QuickstepInputError(label, str(error)) from None
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_guarded(label, guidance.sample_restoration),
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_guarded(label, guidance.sample_restoration, vae),
                                                      extra_options=options))
 
 
-NODES = [QuickstepDegradationOperator, QuickstepDegrade, QuickstepPseudoInverse, QuickstepRestorationSampler]
+NODES = [QuickstepDegradationOperator, QuickstepDegrade, QuickstepDegradePixels, QuickstepPseudoInverse,
+         QuickstepRestorationSampler]

@@ -1,57 +1,79 @@
-"""Restoration guidance samplers (spec group 5) in the k-diffusion convention, with no gradient through the network.
+"""Restoration guidance samplers (spec group 5) in the k-diffusion convention.
 
     fn(model, x, sigmas, extra_args=None, callback=None, disable=None, operator=..., measurement=..., **options)
 
-`model(x, sigma * s_in, **extra_args)` returns the denoised x0; `operator` is a samplers.operators.LinearOperator
-acting on the sampler's own state space (pixel-space models: the image itself) and `measurement` is y = A x + n.
+`model(x, sigma * s_in, **extra_args)` returns the denoised x0; `operator` is a samplers.operators.Operator and
+`measurement` is y = A(x) + n.  Without a `decoder` the operator acts on the sampler's own state space (pixel-space
+models: the image itself).  With a `decoder` (a differentiable map latent -> pixels in [-1, 1], e.g. TAESD) the
+operator acts on the decoded image: y = A(Dec(x0)) + n; only the gradient methods accept one.
 
-Methods (all need A^+ in closed form; none back-propagates through the denoiser, so they run under the host's
-torch.inference_mode with no autograd, cost one model call per step and keep no graph):
+Methods and what one step costs:
 
-  ddnm     DDNM / DDNM+ (range-null-space decomposition).  Each step replaces the range-space part of the x0
-           estimate by the measurement, x0' = x0 + lambda * A^+(y - A x0), then takes a DDIM-eta step whose
-           direction is recomputed from x0'.  With sigma_y > 0 (the operator's noise level) lambda and the fresh
-           noise gamma follow DDNM+: c = DDIM-eta noise std, a = x0-coefficient of the step;
-           c >= a sigma_y: lambda = 1, gamma^2 = c^2 - (a sigma_y)^2;  else lambda = c / (a sigma_y), gamma = 0.
-           sigma_y here is the noise std of A^+ y: the operator's sigma_y times the largest gain of A^+
-           (`pinv_noise_gain`: 1 for masks, SR and grayscale; 1/cutoff for the blur, a conservative bound).
-  repaint  RePaint-style projection of the *state*: an ancestral (eta) step for the whole image, then the range
-           component A^+A of the new state is replaced by the forward-noised measurement A^+y + sigma' z (for a
-           mask that is exactly RePaint's known-region blend; for SR/blur it is CCDF's data-consistency step).
+  ddnm     DDNM / DDNM+ (range-null-space).  x0' = x0 + lambda * A^+(y - A x0), then a DDIM-eta step from x0'.  With
+           sigma_y > 0, lambda and the fresh noise gamma follow DDNM+ (c = DDIM-eta noise std, a = x0-coefficient
+           of the step): c >= a sigma_y: lambda = 1, gamma^2 = c^2 - (a sigma_y)^2; else lambda = c / (a sigma_y),
+           gamma = 0.  sigma_y here is the noise std of A^+ y: the operator's sigma_y times A^+'s largest gain.
+           One model call, no autograd.
+  repaint  RePaint-style projection of the *state*: an ancestral (eta) step, then the range component A^+A of the
+           new state is replaced by the forward-noised measurement A^+y + sigma' z (for a mask: RePaint's blend; for
+           SR/blur: CCDF's data-consistency step).  One model call, no autograd.
+  pigdm    PiGDM with p(x0 | x) ~ N(x0_hat, r^2 I), r^2 = s^2 / (1 + s^2) (s the VE sigma): a DDIM-eta step from
+           x0_hat, then x' += w r^2 J^T A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0_hat), J = dx0_hat/dx_ve by
+           one vector-Jacobian product through the denoiser (and the decoder).  Without noise the vector is
+           J^T A^+ (y - A x0_hat): NVlabs' noiseless form, whose VP weight sqrt(abar_s abar_t) w is w in the VE
+           frame.  (The full Tweedie weight s^2 instead of r^2 overshoots: a trained eps network's Jacobian at
+           high noise is far from the Gaussian prior's r^2 / s^2, measured 0.86 at s = 14.6 on the digit model.)
+           One model call + one backward pass.
+  dps      DPS: an ancestral (eta) step from x0, then x' -= zeta_VE grad_x ||y - A(x0(x))|| (unsquared norm per
+           image), zeta_VE = zeta sqrt((1 + s^2)(1 + s'^2)) (the VP-paper step converted to the VE frame).  Works
+           with nonlinear A (JPEG).  One model call + one backward pass.
+  reddiff  RED-diff: Adam on an image mu (init A^+ y; y itself for JPEG; the first denoised estimate with a
+           decoder) over the descending sigmas: L = 1/2 mean(||y - A(mu)||^2)
+           + lambda s mean(sg(eps_hat - eps) * mu), eps_hat from x = mu + s eps.  One model call, the backward
+           pass only through A (and the decoder): never through the denoiser.  Returns mu.
 
-Both accept time travel / RePaint resampling: after every `jump_length` steps the state is re-noised back up
-`jump_length` steps (marginal-preserving, spec 0.4) and those steps are redone, `resample_count` times in all
-(resample_count = 1: no travel).  NFE = steps * resample_count (roughly).
+`strength` multiplies each method's own strength (DPS zeta = DPS_ZETA, PiGDM w = 1, RED-diff lambda = 0.25); it is
+ignored by ddnm and repaint.  Gradient methods run under torch.inference_mode(False) + enable_grad (the host runs
+nodes in inference mode, spec 0.5): the state is cloned into a normal tensor each step and the graph is freed after
+the step's backward pass, so memory does not grow with the step count.
+
+Step methods accept time travel / RePaint resampling: after every `jump_length` steps the state is re-noised back up
+`jump_length` steps (marginal-preserving, spec 0.4) and those steps are redone, `resample_count` times in all.
 
 CCDF = any of these started from the forward-diffused pseudo-inverse at a level t0 (`ccdf_start`): in a graph, the
-pseudo-inverse latent from the restoration nodes plus a scheduler with denoise = t0.
+pseudo-inverse latent plus a scheduler with denoise = t0.
 
-DPS and PiGDM need a vector-Jacobian product through the denoiser (or the "Jacobian = identity" approximation, which
-for PiGDM reduces to a partial DDNM correction); they are not implemented here.
-
-Frames: the update is written in the VE variables of the model's own frame (x_ve = x / alpha(sigma), sigma_ve =
-sigma / alpha), so eps/v models (alpha = 1) and flow models (alpha = 1 - sigma) share one code path; a flow start at
-sigma = 1 (sigma_ve = inf) is handled by its limit.  A non-finite state stops the run with a GuidanceDiverged error
-naming the method and the step.
+Frames: updates are written in the VE variables of the model's own frame (x_ve = x / alpha(sigma), s = sigma / alpha)
+so eps/v and flow models share one path; a flow start at sigma = 1 (s = inf) is handled by its limit (the gradient
+methods skip guidance there: the denoised estimate at pure noise does not depend on x).  A non-finite state,
+denoised estimate or guidance gradient stops the run with GuidanceDiverged naming the method, the step and sigma.
 """
+import contextlib
 import math
 
 import torch
 
 from .common import check_choice, check_float, check_int
 from .frame import frame_of
-from .operators import LinearOperator, OperatorError
+from .operators import LinearOperator, Operator, OperatorError
 
-METHODS = ("ddnm", "repaint")
-METHOD_LABELS = {"ddnm": "DDNM+", "repaint": "RePaint"}
+METHODS = ("ddnm", "repaint", "pigdm", "dps", "reddiff")
+METHOD_LABELS = {"ddnm": "DDNM+", "repaint": "RePaint", "pigdm": "PiGDM", "dps": "DPS", "reddiff": "RED-diff"}
+NEEDS_PINV = ("ddnm", "repaint", "pigdm")
+ACCEPTS_DECODER = ("pigdm", "dps", "reddiff")
+DPS_ZETA = 3.0          # tuned on the digit model at 30 ancestral steps (the paper's 0.3-1.0 is for 1000 steps)
+DIVERGED_RMS = 1e3      # a VE state whose RMS exceeds this plus 10 sigma has left any image's range: guidance blew up
+REDDIFF_LAMBDA = 0.25
+REDDIFF_LR = 0.1
 
 
 class GuidanceDiverged(FloatingPointError):
     pass
 
 
-def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None):
-    if not isinstance(operator, LinearOperator):
+def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
+             strength=1.0, learning_rate=REDDIFF_LR, decoder=None):
+    if not isinstance(operator, Operator):
         raise ValueError(f"option operator must be a Quickstep degradation operator, got {type(operator).__name__}")
     if not torch.is_tensor(measurement) or measurement.dim() != 4:
         raise ValueError("option measurement must be a [B, C, H, W] tensor, got "
@@ -59,11 +81,19 @@ def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_leng
     if not torch.isfinite(measurement).all():
         raise ValueError("option measurement holds NaN or inf values")
     check_choice("method", method, METHODS)
-    if not operator.has_pinv:
-        raise ValueError(f"method {method} needs a pseudo-inverse, and the operator {operator.name} has none")
+    if method in NEEDS_PINV and not (isinstance(operator, LinearOperator) and operator.has_pinv):
+        raise ValueError(f"method {method} needs a pseudo-inverse, and the operator {operator.name} has none "
+                         f"(use dps or reddiff)")
+    if decoder is not None and method not in ACCEPTS_DECODER:
+        raise ValueError(f"method {method} works on the latent itself and cannot use a VAE decoder; use one of "
+                         f"{', '.join(ACCEPTS_DECODER)} with a decoder, or no decoder (a latent-space operator)")
+    if decoder is not None and not callable(decoder):
+        raise ValueError(f"option decoder must be callable, got {type(decoder).__name__}")
     check_float("eta", eta, 0.0, 1.0)
     check_int("jump_length", jump_length, 1, 1000)
     check_int("resample_count", resample_count, 1, 100)
+    check_float("strength", strength, 0.0, 1000.0)
+    check_float("learning_rate", learning_rate, 0.0, 10.0, low_open=True)
 
 
 def travel_plan(n_steps, jump_length=1, resample_count=1):
@@ -84,63 +114,200 @@ def _ve(frame, sigma):
     return frame.ve_sigma(sigma) if sigma < 1.0 or not frame.flow else math.inf
 
 
+@contextlib.contextmanager
+def _autograd():
+    """Autograd on, even inside the host's torch.inference_mode (tensors made here are normal tensors)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _normal(t):
+    """A tensor autograd may save: inference tensors (made under the host's inference mode) are cloned."""
+    return t.clone() if t.is_inference() else t
+
+
+def autograd_ready(module):
+    """Replaces the inference tensors among `module`'s parameters and buffers (weights loaded while the host runs
+    nodes under inference mode, which autograd cannot save for a backward pass) by normal tensors with the same
+    values, one tensor at a time (no second copy of the model; the host's own weight patching also swaps in new
+    Parameters).  Returns how many were replaced."""
+    replaced = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, t in list(sub._parameters.items()):
+                if t is not None and t.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(t.clone(), requires_grad=False)
+                    replaced += 1
+            for name, t in list(sub._buffers.items()):
+                if t is not None and t.is_inference():
+                    sub._buffers[name] = t.clone()
+                    replaced += 1
+    return replaced
+
+
+def host_module(model):
+    """The torch module behind a host sampler's model (inner_model.model_patcher.model), or None outside the host."""
+    module = getattr(getattr(getattr(model, "inner_model", None), "model_patcher", None), "model", None)
+    return module if isinstance(module, torch.nn.Module) else None
+
+
+class _Guide:
+    """y, the operator, the optional decoder and the divergence checks of one run."""
+
+    def __init__(self, operator, y, decoder, label):
+        self.operator, self.decoder, self.label = operator, decoder, label
+        self.y = y
+        self.checked = decoder is None      # without a decoder the measurement was checked against the state
+
+    def pixels(self, x0):
+        if self.decoder is None:
+            return x0
+        pixels = self.decoder(x0)
+        if not self.checked:                # the decoded size is known only now
+            self.operator.check_measurement(tuple(self.y.shape), tuple(pixels.shape))
+            self.checked = True
+        return pixels
+
+    def check(self, what, tensor, i, sigma, sigma_next=None, hint="", bound=math.inf):
+        """Raise GuidanceDiverged on NaN/inf, or when the RMS of `tensor` exceeds `bound`."""
+        finite = bool(torch.isfinite(tensor).all())
+        if finite and float(tensor.float().pow(2).mean().sqrt()) <= bound:
+            return
+        where = f"sigma {sigma:.4g}" + (f" -> {sigma_next:.4g}" if sigma_next is not None else "")
+        state = "holds NaN/inf" if not finite else f"left any image's range (RMS > {bound:.3g})"
+        raise GuidanceDiverged(f"{self.label} guidance diverged at step {i} ({where}): the {what} {state}; "
+                               f"{hint or 'check the measurement scale and the operator, or lower the strength'}")
+
+    def gradient_step(self, method, model, x, sigma, s_in, extra_args, s_ve, i):
+        """(x0, guidance term) for PiGDM (the x0 correction) or DPS (grad_x ||r||), from one forward + backward."""
+        with _autograd():
+            x_in = x.detach().clone().requires_grad_(True)
+            x0 = model(x_in, sigma * s_in, **extra_args)
+            pixels = self.pixels(x0)
+            y = _normal(self.y)
+            residual = y - self.operator.forward(pixels)
+            if method == "dps":
+                objective = residual.flatten(1).norm(dim=1).sum()
+                (grad,) = torch.autograd.grad(objective, x_in)
+            else:
+                r2 = s_ve ** 2 / (1.0 + s_ve ** 2)
+                v = self.operator.gram_solve(residual.detach(), r2, self.operator.sigma_y ** 2)
+                (grad,) = torch.autograd.grad(pixels, x_in, grad_outputs=v.to(pixels.dtype))
+        x0, grad = x0.detach(), grad.detach()
+        self.check("denoised estimate", x0, i, sigma)
+        self.check(f"{self.label} gradient", grad, i, sigma)
+        return x0, grad
+
+
 def sample_restoration(model, x, sigmas, extra_args=None, callback=None, disable=None, operator=None,
-                       measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None):
+                       measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
+                       strength=1.0, learning_rate=REDDIFF_LR, decoder=None):
     extra_args = {} if extra_args is None else extra_args
     label = METHOD_LABELS.get(method, method)
-    operator.check_measurement(tuple(measurement.shape), tuple(x.shape))
+    if decoder is None:
+        operator.check_measurement(tuple(measurement.shape), tuple(x.shape))
     y = measurement.to(device=x.device, dtype=x.dtype)
     if y.shape[0] != x.shape[0]:
         y = y.expand(x.shape[0], *y.shape[1:])
     frame = frame_of(model)
-    # the noise A^+ y carries: sigma_y times A^+'s largest gain (1 for masks, block averages, grayscale)
-    sigma_y = operator.sigma_y * operator.pinv_noise_gain
-    y_pinv = operator.pinv(y)
     seed = extra_args.get("seed", 0) if seed is None else seed
     generator = torch.Generator(device=x.device).manual_seed(int(seed) + 7919)
 
     def noise():
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
+    guide = _Guide(operator, y, decoder, label)
+    if method in ("pigdm", "dps") and host_module(model) is not None:
+        autograd_ready(host_module(model))
     s_in = x.new_ones([x.shape[0]])
     sig = [float(s) for s in sigmas]
+    if method == "reddiff":
+        return _red_diff(model, x, sig, extra_args, callback, guide, frame, noise, s_in, strength, learning_rate)
 
+    # the noise A^+ y carries: sigma_y times A^+'s largest gain (1 for masks, block averages, grayscale)
+    sigma_y = operator.sigma_y * operator.pinv_noise_gain if method in ("ddnm", "repaint") else 0.0
+    y_pinv = operator.pinv(y) if method == "repaint" else None
     plan = travel_plan(len(sig) - 1, jump_length, resample_count)
-    for move_index, move in enumerate(plan):
+    for move in plan:
         if move[0] == "renoise":
             _, a, b = move
             x = frame.renoise(x, sig[a], sig[b], noise())
             continue
         i = move[1]
         sigma, sigma_next = sig[i], sig[i + 1]
-        x0 = model(x, sigma * s_in, **extra_args)
         s, n = _ve(frame, sigma), _ve(frame, sigma_next)
         ratio = 0.0 if math.isinf(s) else n / s
         c = eta * n * math.sqrt(max(1.0 - ratio ** 2, 0.0))          # DDIM-eta noise std (VE)
         keep = math.sqrt(max(n ** 2 - c ** 2, 0.0))                    # coefficient of eps in the step
         a = 1.0 - (0.0 if math.isinf(s) else keep / s)                 # coefficient of x0 (VE: x = x0 + s eps)
         alpha, alpha_next = frame.alpha(sigma), frame.alpha(sigma_next)
+        gamma = c
+        if method in ("pigdm", "dps") and not math.isinf(s) and strength > 0:
+            x0, grad = guide.gradient_step(method, model, x, sigma, s_in, extra_args, s, i)
+        else:
+            x0, grad = model(x, sigma * s_in, **extra_args), None
+            guide.check("denoised estimate", x0, i, sigma)
         if method == "ddnm":
             if sigma_y > 0 and c < a * sigma_y:
                 lam, gamma = c / (a * sigma_y), 0.0
             else:
                 lam, gamma = 1.0, math.sqrt(max(c ** 2 - (a * sigma_y) ** 2, 0.0))
             x0 = x0 + lam * operator.pinv(y - operator.forward(x0))
-            eps = (x - alpha * x0) / sigma
-            x_ve = x0 + keep * eps + (gamma * noise() if gamma > 0 else 0.0)
-        else:
-            eps = (x - alpha * x0) / sigma
-            x_ve = x0 + keep * eps + (c * noise() if c > 0 else 0.0)
+        eps = (x - alpha * x0) / sigma
+        x_ve = x0 + keep * eps + (gamma * noise() if gamma > 0 else 0.0)
+        if method == "repaint":
             known = y_pinv + n * noise() if n > 0 else y_pinv
             x_ve = x_ve + operator.pinv(operator.forward(known) - operator.forward(x_ve))
+        elif method == "pigdm" and grad is not None:
+            # grad = J_x^T v; x0 as a function of x_ve = x / alpha has Jacobian alpha * J_x
+            x_ve = x_ve + (strength * s ** 2 / (1.0 + s ** 2) * alpha) * grad
+        elif method == "dps" and grad is not None:
+            # zeta_VE grad_{x_ve} = zeta sqrt(1 + s^2) sqrt(1 + n^2) alpha grad_x = zeta sqrt(alpha^2 + sigma^2) ...
+            x_ve = x_ve - (strength * DPS_ZETA * math.sqrt(alpha ** 2 + sigma ** 2) * math.sqrt(1.0 + n ** 2)) * grad
         x = alpha_next * x_ve if sigma_next > 0 else x_ve
-        if not torch.isfinite(x).all():
-            raise GuidanceDiverged(f"{label} guidance diverged at step {i} (sigma {sigma:.4g} -> {sigma_next:.4g}, "
-                                   f"move {move_index + 1} of {len(plan)}): the state holds NaN/inf; check the "
-                                   f"measurement scale and the operator, or lower eta / sigma_y")
+        guide.check("state", x_ve, i, sigma, sigma_next,
+                    "lower the strength (or eta / sigma_y); check the measurement scale and the operator",
+                    bound=DIVERGED_RMS + 10.0 * (n if math.isfinite(n) else 0.0))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
     return x
+
+
+def _red_diff(model, x, sig, extra_args, callback, guide, frame, noise, s_in, strength, learning_rate):
+    """RED-diff (spec 5.7): Adam on mu over the positive sigmas, one model call each, no backprop through D."""
+    operator = guide.operator
+    if guide.decoder is None and isinstance(operator, LinearOperator) and operator.has_pinv:
+        start = operator.pinv(guide.y)
+    elif guide.decoder is None and guide.y.shape == x.shape:     # JPEG: the decoded measurement is an image
+        start = guide.y
+    else:
+        start = model(x, sig[0] * s_in, **extra_args)
+        guide.check("denoised estimate", start, 0, sig[0])
+    lam = strength * REDDIFF_LAMBDA
+    with _autograd():
+        mu = start.detach().clone().to(torch.float32).requires_grad_(True)
+        y = _normal(guide.y).float()
+        optimizer = torch.optim.Adam([mu], lr=learning_rate, betas=(0.9, 0.99))
+        for i, sigma in enumerate(sig[:-1]):
+            s, alpha = _ve(frame, sigma), frame.alpha(sigma)
+            eps = noise().float()
+            with torch.no_grad():
+                x_t = (alpha * mu + sigma * eps).to(x.dtype)
+                x0 = model(x_t, sigma * s_in, **extra_args).float()
+                guide.check("denoised estimate", x0, i, sigma)
+                eps_hat = (x_t.float() - alpha * x0) / sigma
+            loss = 0.5 * (y - operator.forward(guide.pixels(mu))).pow(2).mean()
+            if not math.isinf(s) and lam > 0:     # at flow sigma = 1 eps_hat = eps: no regulariser signal
+                loss = loss + lam * s * ((eps_hat - eps) * mu).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            guide.check("estimate mu", mu.detach(), i, sigma, hint="lower the learning rate or the strength",
+                        bound=DIVERGED_RMS)
+            if callback is not None:
+                callback({"x": mu.detach().to(x.dtype), "i": i, "sigma": sig[i], "sigma_hat": sig[i],
+                          "denoised": x0.to(x.dtype)})
+        return mu.detach().to(x.dtype)
 
 
 sample_restoration.validate = validate
@@ -165,5 +332,5 @@ def ccdf_start(operator, measurement, sigmas, t0, noise, flow=False):
     return alpha * estimate + sigma * noise.to(estimate), tail
 
 
-__all__ = ["METHODS", "GuidanceDiverged", "OperatorError", "sample_restoration", "travel_plan", "ccdf_sigmas",
-           "ccdf_start", "validate"]
+__all__ = ["METHODS", "GuidanceDiverged", "OperatorError", "autograd_ready", "host_module", "sample_restoration",
+           "travel_plan", "ccdf_sigmas", "ccdf_start", "validate"]
