@@ -3,15 +3,16 @@
 Priors: the project's trained digit model (`digit`, eps, 32x32) and the pretrained MNIST DDPM (`ddpm`, 28x28, from
 ../shared/models).  Tasks: x4 super-resolution, 50% box inpainting, 50% random-pixel inpainting, Gaussian deblur (9x9,
 sigma 2), each with sigma_y = 0 and 0.05.  Methods: the pseudo-inverse (and bicubic for SR) baselines, unguided
-sampling, DDNM+, RePaint (inpainting), PiGDM, DPS, RED-diff, and CCDF (pseudo-inverse forward-diffused to t0 = 0.25,
-then PiGDM on the remaining quarter of the steps).  Sampling goes through the host's own path
+sampling, DDNM+, RePaint (inpainting), PiGDM, DPS, RED-diff (the same steps, and as the optimizer it is: 500
+iterations on SR and deblurring), and CCDF (pseudo-inverse forward-diffused to t0 (--ccdf-t0), then PiGDM on the last
+t0 fraction of the steps).  Sampling goes through the host's own path
 (comfy.sample.sample_custom), unconditional prior, cfg 1, karras schedule, the same noises for every method.
 
 Per method: seconds per step (model calls + guidance, this machine) and the autograd memory one step saves for its
 backward pass (bytes of the tensors autograd saves, counted with saved_tensors_hooks: 0 for methods without a
 gradient through the model; freed after each step).
 
-usage: python -m bench.restoration [--model digit|ddpm] [--samples 24] [--steps 30]
+usage: python -m bench.restoration [--model digit|ddpm] [--samples 24] [--steps 30] [--methods ...] [--tasks ...]
 Writes bench/results/restoration_<model>.json and prints a markdown table.
 """
 import argparse
@@ -26,7 +27,6 @@ from samplers.operators import consistency, psnr, ssim
 from testbed.host import HOST_DIR, PACK_DIR
 
 RESULTS = PACK_DIR / "bench" / "results"
-CCDF_T0 = 0.25
 
 
 def tasks(size, sigma_y):
@@ -69,6 +69,21 @@ def load_prior(name, samples):
     return mnist_ddpm.load_ddpm_model(), clean, [[torch.zeros(1, 1, 1), {}]], 0.5
 
 
+def figure(path, clean, rows, count=8):
+    """A grid: the clean digits on top, then one row per method (labelled on the left), images in [-1, 1]."""
+    from PIL import Image, ImageDraw
+    size, label_width = clean.shape[-1], 150
+    images = {"clean": clean, **rows}
+    sheet = Image.new("L", (label_width + count * size, len(images) * size), 255)
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, x) in enumerate(images.items()):
+        draw.text((4, r * size + size // 2 - 6), name, fill=0)
+        pixels = ((x[:count, 0].float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        for c, digit in enumerate(pixels):
+            sheet.paste(Image.fromarray(digit), (label_width + c * size, r * size))
+    sheet.save(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["digit", "ddpm"], default="digit")
@@ -76,7 +91,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sigma-y", type=float, nargs="+", default=[0.0, 0.05])
     parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None, help="guided rows to run (default: all)")
+    parser.add_argument("--ccdf-t0", type=float, default=0.2,
+                        help="CCDF start level: the last round(t0 * steps) steps of the schedule")
+    parser.add_argument("--reddiff-iterations", type=int, default=500,
+                        help="also RED-diff as the optimizer it is: this many iterations (its own schedule), Adam lr "
+                             "0.05, lambda 0.1, on SR and deblurring; 0 = off")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--figure", action="store_true",
+                        help="write docs/restoration_<task>.png (first 8 digits, first sigma_y): clean, pseudo-"
+                             "inverse, then each method, one row each")
     args = parser.parse_args(argv)
 
     from testbed.inproc import InProcessHost
@@ -113,24 +137,33 @@ def main(argv=None):
             if task.startswith("sr"):
                 rows["bicubic"] = (torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic"), 0, 0.0, 0)
             base = dict(operator=op, measurement=y)
-            runs = {"ddnm+": dict(method="ddnm", eta=1.0), "pigdm": dict(method="pigdm", eta=1.0),
-                    "dps": dict(method="dps", eta=1.0), "reddiff": dict(method="reddiff")}
+            runs = {"ddnm+": (dict(method="ddnm", eta=1.0), sigmas), "pigdm": (dict(method="pigdm", eta=1.0), sigmas),
+                    "dps": (dict(method="dps", eta=1.0), sigmas), "reddiff": (dict(method="reddiff"), sigmas)}
             if task.startswith("inpaint"):
-                runs["repaint_j2_r2"] = dict(method="repaint", eta=1.0, jump_length=2, resample_count=2)
-            for name, options in runs.items():
-                out, sec, mem = sample(guidance.sample_restoration, dict(base, **options), sigmas,
-                                       torch.zeros_like(clean))
-                nfe = args.steps * options.get("resample_count", 1)
+                runs["repaint_j2_r2"] = (dict(method="repaint", eta=1.0, jump_length=2, resample_count=2), sigmas)
+            if args.reddiff_iterations and task.startswith(("sr", "deblur")):
+                long_sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras",
+                                                              args.reddiff_iterations).cpu()
+                runs[f"reddiff_{args.reddiff_iterations}it"] = (
+                    dict(method="reddiff", learning_rate=0.05, strength=0.1 / guidance.REDDIFF_LAMBDA), long_sigmas)
+            tail = guidance.ccdf_sigmas(sigmas, args.ccdf_t0)
+            runs[f"ccdf_t0={args.ccdf_t0}+pigdm"] = (dict(method="pigdm", eta=1.0), tail)
+            for name, (options, sig) in runs.items():
+                if args.methods and name not in args.methods:
+                    continue
+                start = pinv if name.startswith("ccdf") else torch.zeros_like(clean)
+                out, sec, mem = sample(guidance.sample_restoration, dict(base, **options), sig, start)
+                nfe = (len(sig) - 1) * options.get("resample_count", 1)
                 rows[name] = (out, nfe, sec, mem)
-            tail = guidance.ccdf_sigmas(sigmas, CCDF_T0)
-            out, sec, mem = sample(guidance.sample_restoration, dict(base, method="pigdm", eta=1.0), tail, pinv)
-            rows[f"ccdf_t0={CCDF_T0}+pigdm"] = (out, len(tail) - 1, sec, mem)
             key = f"{task} sigma_y={sigma_y}"
             results[key] = {m: {"psnr": psnr(x / units, clean / units), "ssim": ssim(x / units, clean / units),
                                 "consistency": consistency(op, x, y) / units,
                                 "nfe": nfe, "s_per_step": round(sec / max(nfe, 1), 4), "saved_bytes_per_step": mem}
                             for m, (x, nfe, sec, mem) in rows.items()}
             print(key, {m: round(v["psnr"], 2) for m, v in results[key].items()}, flush=True)
+            if args.figure and sigma_y == args.sigma_y[0]:
+                figure(PACK_DIR / "docs" / f"restoration_{task}.png", clean / units,
+                       {m: x / units for m, (x, *_) in rows.items() if m != "unguided"})
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = args.out or str(RESULTS / f"restoration_{args.model}.json")
     with open(out_path, "w") as f:

@@ -132,6 +132,22 @@ class QuickstepDegradationOperator(io.ComfyNode):
         return io.NodeOutput(op)
 
 
+def _degrade_inputs(clean_input):
+    return [Operator.Input("operator", tooltip="The degradation from a Degradation Operator node."), clean_input,
+            io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                         tooltip="Seed of the measurement noise (when sigma_y > 0).")]
+
+
+def _degrade(label, operator, x, seed):
+    """(y = A x + sigma_y z, the pseudo-inverse estimate, or y itself for an operator without one)."""
+    try:
+        operator.check_image(tuple(x.shape))
+        y = operators.add_noise(operator.forward(x), operator.sigma_y, seed)
+        return y, (operator.pinv(y) if operator.has_pinv else y)
+    except operators.OperatorError as error:
+        raise QuickstepInputError(label, str(error)) from None
+
+
 class QuickstepDegrade(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -139,23 +155,15 @@ class QuickstepDegrade(io.ComfyNode):
             node_id="QuickstepDegrade", display_name="Degrade Image", category=RESTORATION_CATEGORY,
             description="Makes a test measurement y = A x + sigma_y z from a clean latent, and its pseudo-inverse "
                         "restoration A+ y (the baseline, and the CCDF start; JPEG, which has none, gives y itself).",
-            inputs=[Operator.Input("operator", tooltip="The degradation from a Degradation Operator node."),
-                    io.Latent.Input("samples", tooltip="The clean latent to degrade (for the digit model: the image)."),
-                    io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
-                                 tooltip="Seed of the measurement noise (when sigma_y > 0).")],
+            inputs=_degrade_inputs(io.Latent.Input("samples", tooltip="The clean latent to degrade (for the digit "
+                                                                      "model: the image).")),
             outputs=[io.Latent.Output(display_name="measurement"),
                      io.Latent.Output(display_name="pseudo_inverse")])
 
     @classmethod
     def execute(cls, operator, samples, seed):
         label = "Degrade Image"
-        x = _samples(label, "samples", samples)
-        try:
-            operator.check_image(tuple(x.shape))
-            y = operators.add_noise(operator.forward(x.float()), operator.sigma_y, seed)
-            estimate = operator.pinv(y) if operator.has_pinv else y
-        except operators.OperatorError as error:
-            raise QuickstepInputError(label, str(error)) from None
+        y, estimate = _degrade(label, operator, _samples(label, "samples", samples).float(), seed)
         return io.NodeOutput({"samples": y}, {"samples": estimate})
 
 
@@ -168,10 +176,7 @@ class QuickstepDegradePixels(io.ComfyNode):
                         "in [-1, 1]), for the Restoration Sampler with a VAE; also its pseudo-inverse image (the "
                         "baseline; VAE-encode it for a CCDF start). Operators without a pseudo-inverse (JPEG) give "
                         "the measurement itself there.",
-            inputs=[Operator.Input("operator", tooltip="The degradation from a Degradation Operator node."),
-                    io.Image.Input("image", tooltip="The clean image to degrade."),
-                    io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
-                                 tooltip="Seed of the measurement noise (when sigma_y > 0).")],
+            inputs=_degrade_inputs(io.Image.Input("image", tooltip="The clean image to degrade.")),
             outputs=[io.Image.Output(display_name="measurement"),
                      io.Image.Output(display_name="pseudo_inverse")])
 
@@ -180,13 +185,7 @@ class QuickstepDegradePixels(io.ComfyNode):
         label = "Degrade Pixels"
         if not torch.is_tensor(image) or image.dim() != 4 or not torch.isfinite(image).all():
             raise QuickstepInputError(label, "image must be a finite IMAGE [B, H, W, C]")
-        x = image.float().movedim(-1, 1) * 2 - 1
-        try:
-            operator.check_image(tuple(x.shape))
-            y = operators.add_noise(operator.forward(x), operator.sigma_y, seed)
-            estimate = operator.pinv(y) if operator.has_pinv else y
-        except operators.OperatorError as error:
-            raise QuickstepInputError(label, str(error)) from None
+        y, estimate = _degrade(label, operator, image.float().movedim(-1, 1) * 2 - 1, seed)
         return io.NodeOutput(((y + 1) / 2).movedim(1, -1), ((estimate + 1) / 2).clamp(0, 1).movedim(1, -1))
 
 

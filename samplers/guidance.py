@@ -179,7 +179,7 @@ class _Guide:
                                f"{hint or 'check the measurement scale and the operator, or lower the strength'}")
 
     def gradient_step(self, method, model, x, sigma, s_in, extra_args, s_ve, i):
-        """(x0, guidance term) for PiGDM (the x0 correction) or DPS (grad_x ||r||), from one forward + backward."""
+        """(x0, gradient): PiGDM J^T v or DPS grad_x ||r||, from one forward and one backward pass (graph freed)."""
         with _autograd():
             x_in = x.detach().clone().requires_grad_(True)
             x0 = model(x_in, sigma * s_in, **extra_args)

@@ -424,3 +424,33 @@ def test_latent_restoration_of_photos_through_taesd(inproc, photos):
     print("photos x4 SR through TAESD, RMS(A Dec(z) - y):", dict(unguided=unguided, **scores))
     for method, value in scores.items():
         assert value < 0.93 * unguided, method
+
+
+def test_bad_guidance_inputs(inproc, digits):
+    """A method that needs a pseudo-inverse with JPEG, a VAE given to a latent-only method, an IMAGE measurement
+    without a VAE: each refused by the Restoration Sampler with a message naming the problem."""
+    name, _ = digits
+
+    def message(graph):
+        result = inproc.run(graph, check=False)
+        assert result.status != "success"
+        return result.error()["exception_message"]
+
+    graph = restoration_graph(name, _operator_node("jpeg"), "pigdm", steps=2)
+    text = message(graph)
+    assert "Restoration Sampler" in text and "pigdm needs a pseudo-inverse" in text and "jpeg has none" in text, text
+
+    graph = restoration_graph(name, _operator_node("super_resolution"), "ddnm", steps=2)
+    graph["taesd"] = {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}
+    graph["sampler"]["inputs"]["vae"] = ["taesd", 0]
+    text = message(graph)
+    assert "method = 'ddnm'" in text and "cannot use a VAE" in text, text
+
+    graph["sampler"]["inputs"]["method"] = "dps"
+    text = message(graph)
+    assert "connect measurement_image" in text, text
+
+    graph = restoration_graph(name, _operator_node("super_resolution"), "dps", steps=2)
+    del graph["sampler"]["inputs"]["measurement"]
+    text = message(graph)
+    assert "connect measurement" in text and "needs a VAE" in text, text
