@@ -1,15 +1,27 @@
-"""Feature-cache benchmark: compute ratio and PSNR vs uncached for Quickstep's DeepCache / Block Cache beside the
-host's EasyCache and LazyCache, on host-architecture models with seeded random weights.
+"""Feature-cache benchmark: Quickstep's DeepCache / Block Cache (residual-probe and calibrated policies, all
+forecasters) beside the host's EasyCache and LazyCache, on host-architecture models.
 
-Each configuration samples the same noise through the host's own sampling path (euler, CFG 3 with a different
-negative, batch 2). Measured per run: sampler-level model calls (PREDICT_NOISE), FLOPs of everything that ran inside
-sampling (torch's FlopCounterMode: the diffusion model plus the caches' own overhead), the compute ratio
-uncached FLOPs / cached FLOPs, wall time, and PSNR of the final latent against the uncached run (peak = max |x|).
+Each configuration samples the same noise through the host's own sampling path (euler, 24 steps by default, CFG with
+a different negative, batch 2). Measured per configuration:
+- model calls: sampler-level calls (PREDICT_NOISE wrapper), one per CFG-combined prediction;
+- compute ratio: uncached FLOPs / cached FLOPs, FLOPs counted by torch's FlopCounterMode over everything that ran
+  inside sampling (the diffusion model plus the caches' own work), in a separate counted run;
+- wall speedup: uncached / cached wall time of an uncounted run (one thread; the uncached time is the faster of a
+  run before and one after the others; noisy on a shared machine);
+- PSNR (peak = max |x| of the reference) and SSIM (7x7 Gaussian window, both tensors scaled by the reference's range)
+  of the final latent against the uncached run.
+Calibrated policies are calibrated with the Calibrate Cache code path on another noise seed than the one measured.
 
-Models: the tiny sd15 UNet, MMDiT and Flux of modelzoo/tiny_host, and deeper DiT variants built the same way
-(mmdit4: 4 joint blocks; flux-12: 4 double + 8 single blocks) so that front/back blocks leave a real middle.
+Models: "digits" and "digits-flow", the pack's trained SD1.5-architecture UNets (MNIST, pixel space,
+modelzoo/mnist_unet.py; eps with the karras schedule, rectified flow with the simple one; digits 3 and 7 against the
+null digit, CFG 2.5); tiny seeded random-weight host models "sd15" (UNet),
+"mmdit4" (4 joint blocks) and "flux12" (4 double + 8 single blocks), CFG 3.
 
-usage: python -m bench.caching [--steps 24] [--models mmdit4 flux12 sd15 ...] [--quick]
+Per model: a speed-vs-PSNR curve per cache (its main knob swept), the largest compute ratio each cache reaches at
+>= 30 dB, how many EasyCache/LazyCache points a Quickstep point dominates (no less compute ratio and PSNR), and the
+forecasters compared at equal compute (the same compute steps: uniform DeepCache interval, calibrated Block Cache).
+
+usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12] [--quick]
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
@@ -22,18 +34,44 @@ from pathlib import Path
 
 import torch
 
+from samplers.operators import ssim as image_ssim
 from testbed.host import HOST_DIR, PACK_DIR
 
 RESULTS = PACK_DIR / "bench" / "results"
+TARGET_DB = 30.0
 
 
-def build_model(name):
-    from modelzoo import tiny_host
+class Setup:
+    """A model with what sampling it needs: conditioning, start latent, scheduler, CFG."""
+
+    def __init__(self, name, patcher, arch, positive, negative, latent, scheduler, cfg):
+        self.name, self.patcher, self.arch = name, patcher, arch
+        self.positive, self.negative, self.latent = positive, negative, latent
+        self.scheduler, self.cfg = scheduler, cfg
+
+
+def build_setup(name, batch=2):
+    from modelzoo import mnist_unet, tiny_host
+    if name in ("digits", "digits-flow"):
+        flow = name == "digits-flow"
+        patcher = mnist_unet.load_mnist_model(prediction="flow" if flow else "eps")
+        return Setup(name, patcher, "sd15", mnist_unet.digit_conditioning([3, 7]),
+                     mnist_unet.unconditional_conditioning(batch), mnist_unet.empty_latent(batch),
+                     "simple" if flow else "karras", 2.5)
     if name in tiny_host.ARCHITECTURES:
-        return finite_buffers(tiny_host.build_tiny(name, 0)), name
+        patcher, arch = finite_buffers(tiny_host.build_tiny(name, 0)), name
+    else:
+        patcher, arch = build_deeper_dit(name)
+    channels = 4 if arch == "sd15" else 16
+    return Setup(name, patcher, arch, tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1),
+                 torch.zeros(batch, channels, 16, 16), "normal" if arch == "sd15" else "simple", 3.0)
+
+
+def build_deeper_dit(name):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
+    from modelzoo import tiny_host
     if name == "mmdit4":         # MMDiT's width is 64 * depth: the context embedder must follow
         ctx = {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}
         arch, cls_, cfg = "mmdit", comfy.supported_models.SD3, dict(tiny_host._MMDIT, depth=4,
@@ -41,14 +79,14 @@ def build_model(name):
     elif name == "flux12":
         arch, cls_, cfg = "flux", comfy.supported_models.Flux, dict(tiny_host._FLUX, depth=4, depth_single_blocks=8)
     else:
-        raise ValueError(name)
+        raise ValueError(f"unknown model {name!r}")
     config = cls_(dict(cfg))
     config.set_inference_dtype(torch.float32, None)
     dev = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=dev)
     tiny_host.seeded_init_(model.diffusion_model, 0)
-    return finite_buffers(comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=dev)), arch
+    return finite_buffers(comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=dev)), arch
 
 
 def finite_buffers(patcher):
@@ -62,28 +100,33 @@ def finite_buffers(patcher):
     return patcher
 
 
-def conditioning(arch, seed):
-    import comfy.sampler_helpers  # noqa: F401
-    from modelzoo import tiny_host
-    return tiny_host.tiny_conditioning(arch, seed)
-
-
 def node(name):
     import nodes
     return nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def caching_nodes():
+    """The pack's nodes/caching.py as the host loaded it (under a path-derived module name)."""
+    return sys.modules[node("QuickstepDeepCache").__module__]
 
 
 def apply(patcher, spec):
     """spec: None (uncached) or (node id, inputs dict)."""
     if spec is None:
         return patcher
-    cls_ = node(spec[0])
-    out = cls_.execute(model=patcher, **spec[1])
+    out = node(spec[0]).execute(model=patcher, **spec[1])
     out = getattr(out, "result", out)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def sample(patcher, arch, steps, seed=0, batch=2, size=16, cfg=3.0):
+def sigmas_of(setup, steps):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(setup.patcher.get_model_object("model_sampling"), setup.scheduler,
+                                           steps).cpu()
+
+
+def sample(setup, patcher, steps, seed=0, count_flops=False):
+    """(latent, sampler-level model calls, FLOPs or None, wall seconds)."""
     import comfy.patcher_extension
     import comfy.sample
     import comfy.samplers
@@ -95,17 +138,18 @@ def sample(patcher, arch, steps, seed=0, batch=2, size=16, cfg=3.0):
         calls[0] += 1
         return executor(*args, **kwargs)
     counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "quickstep_bench", count)
-    channels = 4 if arch == "sd15" else 16
-    noise = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
-    scheduler = "normal" if arch == "sd15" else "simple"
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).cpu()
+    latent = setup.latent
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     sampler = comfy.samplers.sampler_object("euler")
-    pos, neg = conditioning(arch, 0), conditioning(arch, 1)
+    args = (counted, noise, setup.cfg, sampler, sigmas_of(setup, steps), setup.positive, setup.negative, latent)
     t0 = time.perf_counter()
-    with FlopCounterMode(display=False) as fc:
-        out = comfy.sample.sample_custom(counted, noise, cfg, sampler, sigmas, pos, neg, torch.zeros_like(noise),
-                                         disable_pbar=True, seed=seed)
-    return out.double(), calls[0], fc.get_total_flops(), time.perf_counter() - t0
+    if count_flops:
+        with FlopCounterMode(display=False) as fc:
+            out = comfy.sample.sample_custom(*args, disable_pbar=True, seed=seed)
+        flops = fc.get_total_flops()
+    else:
+        out, flops = comfy.sample.sample_custom(*args, disable_pbar=True, seed=seed), None
+    return out.double(), calls[0], flops, time.perf_counter() - t0
 
 
 def psnr(a, b):
@@ -114,95 +158,191 @@ def psnr(a, b):
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-HOST = {"EasyCache": ("EasyCache", {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95,
-                                    "verbose": False}),
-        "LazyCache": ("LazyCache", {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95,
-                                    "verbose": False})}
-
-DEEPCACHE = {"interval": 3, "schedule": "uniform", "branch": 0, "start_percent": 0.1, "end_percent": 0.95,
-             "forecaster": "reuse", "history": 3}
-BLOCKCACHE = {"threshold": 0.2, "front_blocks": 1, "back_blocks": 1, "forecaster": "taylor1", "warmup_steps": 2,
-              "max_consecutive": 3, "start_percent": 0.0, "end_percent": 0.95, "history": 3, "compute_steps": ""}
+def ssim(a, b):
+    """SSIM of latents: both mapped to [-1, 1] by the reference's range, then samplers.operators.ssim."""
+    lo, hi = b.amin(dim=(1, 2, 3), keepdim=True), b.amax(dim=(1, 2, 3), keepdim=True)
+    scale = (hi - lo).clamp_min(1e-12)
+    return image_ssim(2 * (a - lo) / scale - 1, 2 * (b - lo) / scale - 1)
 
 
-def configs(arch, n_blocks, quick):
-    out = [("uncached", None), ("EasyCache (default)", HOST["EasyCache"]), ("LazyCache (default)", HOST["LazyCache"])]
-    if arch == "sd15":
-        out.append(("DeepCache (default)", ("QuickstepDeepCache", DEEPCACHE)))
-        if not quick:
-            for fc in ("reuse", "taylor1"):
-                for interval in (3, 5):
-                    out.append((f"DeepCache N={interval} {fc}",
-                                ("QuickstepDeepCache", dict(DEEPCACHE, interval=interval, forecaster=fc))))
-            for thr in (0.4,):
-                out.append((f"EasyCache t={thr}", ("EasyCache", dict(HOST["EasyCache"][1], reuse_threshold=thr))))
+def calibrate(setup, spec, steps, name):
+    """Calibrate the cache of `spec` (computing every step) on noise seed 1; returns the calibration name."""
+    import comfy.samplers
+    cached = apply(setup.patcher, spec)
+    caching_nodes().calibrate(cached, setup.positive, setup.negative, setup.cfg,
+                              comfy.samplers.sampler_object("euler"), sigmas_of(setup, steps),
+                              {"samples": setup.latent}, 1, name)
+    return name
+
+
+def defaults(node_id):
+    """The node's own input defaults (so "default" rows follow the nodes), without the model input."""
+    return {i.id: i.default for i in node(node_id).define_schema().inputs if getattr(i, "default", None) is not None}
+
+
+FORECASTERS = ("reuse", "taylor1", "taylor2", "chebyshev")
+
+
+def configs(setup, steps, quick):
+    """[(cache family, label, spec)]: uncached, the host caches and Quickstep's, defaults first then sweeps."""
+    host_thresholds = (0.2,) if quick else (0.05, 0.1, 0.2, 0.4, 0.8)
+    out = [("uncached", "uncached", None)]
+    for cache in ("EasyCache", "LazyCache"):
+        base = dict(defaults(cache), verbose=False)
+        for t in host_thresholds:
+            label = f"{cache} t={t}" + (" (default)" if t == base["reuse_threshold"] else "")
+            out.append((cache, label, (cache, dict(base, reuse_threshold=t))))
+    if setup.arch == "sd15":
+        deep = defaults("QuickstepDeepCache")
+        out.append(("DeepCache", "DeepCache (default)", ("QuickstepDeepCache", deep)))
+        if quick:
+            return out
+        for n in (2, 3, 4, 6, 8):
+            out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
+        name = calibrate(setup, ("QuickstepDeepCache", dict(deep, interval=1)), steps, f"bench_{setup.name}")
+        for t in (0.1, 0.24, 0.5, 1.0):
+            out.append(("DeepCache calibrated", f"DeepCache calibrated t={t}", ("QuickstepDeepCache", dict(
+                deep, schedule="calibrated", calibration=name, threshold=t, interval=8))))
+        for fc in FORECASTERS:
+            out.append(("forecaster", f"DeepCache N=4 {fc}", ("QuickstepDeepCache",
+                                                              dict(deep, interval=4, forecaster=fc))))
         return out
-    back = 1 if n_blocks > 2 else 0
-    out.append(("BlockCache (default)", ("QuickstepBlockCache", dict(BLOCKCACHE, back_blocks=back))))
-    if not quick:
-        for fc in ("reuse", "taylor1"):
-            for thr in (0.7, 1.0, 1.5):
-                out.append((f"BlockCache F1B{back} t={thr} {fc}",
-                            ("QuickstepBlockCache", dict(BLOCKCACHE, back_blocks=back, threshold=thr, forecaster=fc,
-                                                         max_consecutive=5))))
-        for thr in (0.5,):
-            out.append((f"LazyCache t={thr}", ("LazyCache", dict(HOST["LazyCache"][1], reuse_threshold=thr))))
+    back = 1 if len(layout_of(setup)) > 2 else 0
+    block = dict(defaults("QuickstepBlockCache"), back_blocks=back)
+    out.append(("BlockCache", "BlockCache (default)" + (", back_blocks 0" if not back else ""),
+                ("QuickstepBlockCache", block)))
+    if quick:
+        return out
+    for t in (0.4, 0.7, 1.0, 1.5):
+        out.append(("BlockCache", f"BlockCache t={t}", ("QuickstepBlockCache", dict(block, threshold=t,
+                                                                                    max_consecutive=5))))
+    name = calibrate(setup, ("QuickstepBlockCache", dict(block, threshold=0.0)), steps, f"bench_{setup.name}")
+    calibrated = dict(block, policy="calibrated", calibration=name, max_consecutive=5, warmup_steps=1)
+    for t in (0.1, 0.24, 0.5, 1.0):
+        out.append(("BlockCache calibrated", f"BlockCache calibrated t={t}",
+                    ("QuickstepBlockCache", dict(calibrated, threshold=t))))
+    for fc in FORECASTERS:
+        out.append(("forecaster", f"BlockCache calibrated t=0.5 {fc}",
+                    ("QuickstepBlockCache", dict(calibrated, threshold=0.5, forecaster=fc))))
     return out
 
 
-def n_blocks(patcher):
-    dm = patcher.model.diffusion_model
-    if hasattr(dm, "joint_blocks"):
-        return len(dm.joint_blocks)
-    if hasattr(dm, "double_blocks"):
-        return len(dm.double_blocks) + len(dm.single_blocks)
-    return len(dm.input_blocks)
+def layout_of(setup):
+    return caching_nodes()._dit_layout(setup.patcher.model.diffusion_model)
 
 
 def benchmark(model_name, steps, quick, log):
-    patcher, arch = build_model(model_name)
-    rows, ref, ref_flops = [], None, None
-    for label, spec in configs(arch, n_blocks(patcher), quick):
-        out, calls, flops, wall = sample(apply(patcher, spec), arch, steps)
+    setup = build_setup(model_name)
+    rows, ref = [], None
+    for family, label, spec in configs(setup, steps, quick):
+        patched = apply(setup.patcher, spec)
+        out, calls, _, wall = sample(setup, patched, steps)
+        summary = caching_nodes().LAST_SUMMARY.pop("DeepCache" if setup.arch == "sd15" else "BlockCache", None)
+        _, _, flops, _ = sample(setup, patched, steps, count_flops=True)
         if ref is None:
-            ref, ref_flops, ref_wall = out, flops, wall
-        row = {"config": label, "calls": calls, "gflops": flops / 1e9, "compute_ratio": ref_flops / max(flops, 1),
-               "wall_s": wall, "speedup": ref_wall / wall, "psnr": psnr(out, ref), "spec": spec}
+            ref = {"out": out, "flops": flops, "wall": wall}
+        row = {"family": family, "config": label, "calls": calls, "gflops": flops / 1e9,
+               "compute_ratio": ref["flops"] / max(flops, 1), "wall_s": wall, "speedup": ref["wall"] / wall,
+               "psnr": psnr(out, ref["out"]), "ssim": ssim(out.float(), ref["out"].float()), "spec": spec,
+               "cache_summary": summary if spec and spec[0].startswith("Quickstep") else None}
         rows.append(row)
-        log(f"{model_name:8s} {label:34s} calls {calls:3d}  compute {row['compute_ratio']:.2f}x  "
-            f"PSNR {row['psnr']:.1f} dB  wall {wall:.2f}s")
+        log(f"{model_name:8s} {label:36s} calls {calls:3d}  compute {row['compute_ratio']:.2f}x  "
+            f"wall {row['speedup']:.2f}x  PSNR {row['psnr']:.1f} dB  SSIM {row['ssim']:.3f}")
+    # the uncached time again at the end (the machine's load drifts): the faster of the two is the reference
+    ref_wall = min(ref["wall"], sample(setup, setup.patcher, steps)[3])
+    for row in rows:
+        row["speedup"] = ref_wall / row["wall_s"]
     return rows
 
 
+def sd15_partial_cost(size=64, log=print):
+    """FLOPs of a DeepCache partial call (branch 0) over a full call on the full-size SD1.5 UNet architecture
+    (860M parameters, random weights: FLOPs do not depend on them): 3 euler steps, full / partial / full, against
+    3 full ones. Slow on a CPU (minutes at 64x64)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from modelzoo import tiny_host
+    cfg = dict(tiny_host._SD15_UNET, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+               transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+               use_linear_in_transformer=False, context_dim=768, num_heads=8)
+    config = comfy.supported_models.SD15(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    dev = comfy.model_management.unet_offload_device()
+    model = config.get_model({}, device=dev)
+    tiny_host.seeded_init_(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=dev)
+    g = torch.Generator().manual_seed(0)
+    setup = Setup("sd15-full", patcher, "sd15", [[torch.randn(1, 77, 768, generator=g), {}]],
+                  [[torch.randn(1, 77, 768, generator=g), {}]], torch.zeros(1, 4, size, size), "normal", 3.0)
+    full = sample(setup, patcher, 3, count_flops=True)[2] / 3
+    cached = apply(patcher, ("QuickstepDeepCache", dict(defaults("QuickstepDeepCache"), interval=2,
+                                                        start_percent=0.0)))
+    partial = (sample(setup, cached, 3, count_flops=True)[2] - 2 * full) / full
+    log(f"SD1.5 architecture, {size}x{size} latent: a DeepCache partial call (branch 0) costs {partial:.3f} of a "
+        f"full call ({full / 2e9:.0f} GFLOP per UNet pass)")
+    return partial
+
+
+def best_at_target(rows, family):
+    ok = [r["compute_ratio"] for r in rows if r["family"] == family and r["psnr"] >= TARGET_DB]
+    return max(ok) if ok else None
+
+
+def dominated(rows, ours, theirs):
+    """How many of `theirs` points some `ours` point matches or beats on both compute ratio and PSNR."""
+    mine = [r for r in rows if r["family"] in ours]
+    other = [r for r in rows if r["family"] == theirs and r["compute_ratio"] > 1.0]
+    won = sum(1 for o in other if any(m["compute_ratio"] >= o["compute_ratio"] and m["psnr"] >= o["psnr"]
+                                      for m in mine))
+    return won, len(other)
+
+
 def markdown(name, rows):
-    lines = [f"### {name}", "", "| config | model calls | compute ratio | wall speedup | PSNR vs uncached (dB) |",
-             "|---|---|---|---|---|"]
+    fmt = lambda p: "exact" if math.isinf(p) else f"{p:.1f}"  # noqa: E731
+    lines = [f"### {name}", "",
+             "| config | model calls | compute ratio | wall speedup | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|"]
     for r in rows:
-        p = "exact" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f}"
-        lines.append(f"| {r['config']} | {r['calls']} | {r['compute_ratio']:.2f}x | {r['speedup']:.2f}x | {p} |")
+        lines.append(f"| {r['config']} | {r['calls']} | {r['compute_ratio']:.2f}x | {r['speedup']:.2f}x | "
+                     f"{fmt(r['psnr'])} | {r['ssim']:.3f} |")
+    ours = sorted({r["family"] for r in rows} - {"uncached", "EasyCache", "LazyCache", "forecaster"})
+    lines.append("")
+    for family in ["EasyCache", "LazyCache", *ours]:
+        best = best_at_target(rows, family)
+        lines.append(f"- {family}: largest compute ratio at >= {TARGET_DB:.0f} dB: "
+                     + (f"{best:.2f}x" if best else "none (no swept point reaches it)"))
+    for theirs in ("EasyCache", "LazyCache"):
+        won, n = dominated(rows, ours, theirs)
+        lines.append(f"- Quickstep points match or beat {won} of {n} skipping {theirs} points on both compute and PSNR")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--models", nargs="+", default=["mmdit4", "flux12", "sd15"])
+    parser.add_argument("--models", nargs="+", default=["digits", "digits-flow", "sd15", "mmdit4", "flux12"])
     parser.add_argument("--quick", action="store_true", help="defaults only, no sweep")
     parser.add_argument("--out", default=str(RESULTS / "caching.json"))
+    parser.add_argument("--sd15-partial-cost", action="store_true",
+                        help="also measure a partial call's FLOPs on the full-size SD1.5 architecture (slow)")
     args = parser.parse_args(argv)
 
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)
     InProcessHost(HOST_DIR / "benchbase")
     torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
     results, t0 = {}, time.time()
+    if args.sd15_partial_cost:
+        results["sd15_full_partial_cost"] = sd15_partial_cost()
     for name in args.models:
         results[name] = benchmark(name, args.steps, args.quick, print)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"steps": args.steps, "results": results, "wall_s": time.time() - t0}, f, indent=1, default=str)
-    for name, rows in results.items():
-        print(markdown(f"{name}, {args.steps} steps", rows), "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"steps": args.steps, "results": results, "wall_s": time.time() - t0}, f, indent=1, default=str)
+    for name in args.models:
+        print(markdown(f"{name}, {args.steps} steps", results[name]), "\n")
     print(f"wrote {args.out} in {time.time() - t0:.0f} s", file=sys.stderr)
 
 

@@ -169,10 +169,10 @@ def test_skipping_cache_runs_fewer_blocks_and_stays_close(inproc, arch):
 def test_back_to_back_batch_and_resolution_changes_leave_nothing_stale(inproc):
     """A cached run gives the same result whatever ran before it (batch 2 then 1, two resolutions)."""
     for arch in ("sd15", "flux"):
-        first = run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=1))
-        run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=2, seed=3))
-        run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=1, size=192, seed=4))
-        again = run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=10, batch=1))
+        first = run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=7, batch=1))
+        run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=7, batch=2, seed=3))
+        run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=7, batch=1, size=192, seed=4))
+        again = run_latent(inproc, cache_graph(arch, SKIPPING[arch], steps=7, batch=1))
         assert torch.equal(first, again), arch
 
 
@@ -207,6 +207,9 @@ def test_bad_inputs_give_clear_errors(inproc):
     msg = _error(inproc, cache_graph("sd15", ("QuickstepDeepCache", {**NEVER["sd15"][1], "start_percent": 0.9,
                                                                        "end_percent": 0.2}), steps=4))
     assert "start_percent" in msg
+    msg = _error(inproc, cache_graph("sd15", ("QuickstepDeepCache", {**NEVER["sd15"][1], "forecaster": "taylor3"}),
+                                     steps=4))
+    assert "forecaster = 'taylor3'" in msg and "chebyshev" in msg
 
 
 # ------------------------------------------------------------------------------------- calibrated (MagCache) policy
