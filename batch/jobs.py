@@ -181,8 +181,14 @@ def build_jobs(api, grid=None, rows=None, reference=None, object_info=None):
         grid = grid or {}
         keys = list(grid)
         rows = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-    for key in {k for row in rows for k in row} | set(reference or {}):
-        resolve_key(key, api, object_info)   # raises with the listing before anything runs
+    problems = []
+    for key in dict.fromkeys([k for row in rows for k in row] + list(reference or {})):
+        try:
+            resolve_key(key, api, object_info)
+        except BatchInputError as e:
+            problems.append(str(e))
+    if problems:   # all of them, before anything runs
+        raise BatchInputError("\n".join(problems))
     seen, jobs, references = {}, [], {}
     for params in rows:
         prompt, targets = _apply(api, params, object_info)

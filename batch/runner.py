@@ -176,6 +176,7 @@ class _Batch:
         self.progress, self.queue_depth, self.timeout_s, self.max_jobs = progress, queue_depth, timeout_s, max_jobs
         self.pending = collections.deque()
         self.messages = []
+        self.rejections = {}          # server's message -> first job that got it (printed once)
         self.stop_reason = None
         self.finished_here = 0
 
@@ -257,7 +258,9 @@ class _Batch:
             self.finished_here += 1
         except PromptRejected as e:
             record.update(status="failed", error=str(e))
-            self.say(f"job {job.job_id}: {e}")
+            first = self.rejections.setdefault(e.detail, job.job_id)
+            self.say(f"job {job.job_id}: {e}" if first == job.job_id else
+                     f"job {job.job_id}: rejected with the same node errors as job {first}")
         except (ServerUnreachable, TimeoutError) as e:
             self._server_lost(server, e)
             record.update(status="not_run", error=str(e), server="", prompt_id="")
@@ -322,7 +325,7 @@ async def _run(workflow, servers, out_dir, grid, rows, reference, resume, storag
                 break
             except ServerUnreachable as e:
                 conn.dead = True
-                errors.append(str(e))
+                errors.append(f"server {e} (after {conn.retries} retries)")
         if object_info is None and is_ui_format(workflow):
             raise BatchInputError("a UI-format workflow needs a reachable server to convert it; " + "; ".join(errors))
         api = to_api(workflow, object_info)
@@ -357,7 +360,7 @@ async def _run(workflow, servers, out_dir, grid, rows, reference, resume, storag
             manifest.records.setdefault(job_id, old)
         batch_progress = _Progress(len(jobs), skipped, progress)
         batch = _Batch(out_dir, conns, jobs, manifest, storage, batch_progress, queue_depth, timeout_s, max_jobs)
-        for text in messages:
+        for text in errors + messages:
             batch.say(text)
         batch.pending.extend(todo)
         try:

@@ -24,8 +24,8 @@ class PromptRejected(Exception):
     """The server refused the prompt at validation (HTTP 400); the message lists its node errors."""
 
     def __init__(self, url, body):
-        self.body = body
-        super().__init__(f"{url} rejected the workflow: {describe_rejection(body)}")
+        self.body, self.detail = body, describe_rejection(body)
+        super().__init__(f"{url} rejected the workflow: {self.detail}")
 
 
 def describe_rejection(body):

@@ -1,0 +1,214 @@
+"""The batch runner (batch/) against two real ComfyUI servers on the embedded digit model: a 20-job grid spread over
+both with a manifest that matches the files, a killed batch resumed without redoing finished jobs, references,
+UI-format input, and the bad-input messages (unknown grid key, rejected workflow, unreachable server, full disk)."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batch import BatchInputError, Storage, check_manifest, run_batch
+from batch.jobs import build_jobs, parse_grid, resolve_key
+from testbed.host import Server, free_port
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+API = WORKFLOWS / "digits_fast_sampling.api.json"
+UI = WORKFLOWS / "digits_fast_sampling.ui.json"
+ONE_DIGIT = ["4.batch_size=1", "Digits to draw.digits=7"]
+
+
+@pytest.fixture(scope="module")
+def servers(host_base, tmp_path_factory):
+    """Two servers on the test base. One torch thread each: on this shared 2-core machine that is ~20x faster per
+    prompt than the default (the digit model needs no model files)."""
+    logs = tmp_path_factory.mktemp("batch_servers")
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    pair = [Server(host_base, logs / f"server{i}.log") for i in range(2)]
+    try:
+        threads = [threading.Thread(target=s.start) for s in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    assert all(s.alive() for s in pair), [s.log()[-2000:] for s in pair]
+    yield [f"http://{s.address}" for s in pair]
+    for s in pair:
+        s.stop()
+
+
+def _manifest(out):
+    return json.loads((Path(out) / "manifest.json").read_text())["jobs"]
+
+
+def test_grid_keys_resolve_ids_titles_and_aliases():
+    api = json.loads(API.read_text())
+    assert resolve_key("seed", api) == [("5", "seed")]
+    assert resolve_key("Digits to draw.digits", api) == [("2", "digits")]
+    assert resolve_key("4.batch_size", api) == [("4", "batch_size")]
+    assert parse_grid(["seed=1..3,7", "sampler_name=euler,qs_dpmpp_2m", "cfg=2.5"]) == {
+        "seed": [1, 2, 3, 7], "sampler_name": ["euler", "qs_dpmpp_2m"], "cfg": [2.5]}
+    jobs = build_jobs(api, grid={"seed": [1, 2], "steps": [3, 4]})
+    assert len(jobs) == 4 and len({j.job_id for j in jobs}) == 4
+    assert {(j.prompt["5"]["inputs"]["seed"], j.prompt["5"]["inputs"]["steps"]) for j in jobs} == {
+        (1, 3), (1, 4), (2, 3), (2, 4)}
+
+
+def test_grid_key_that_does_not_exist_lists_what_does(servers, tmp_path):
+    with pytest.raises(BatchInputError) as e:
+        run_batch(API, servers, tmp_path / "out", grid=["seeds=1,2", "5.sampler=euler", "Nope.text=a"],
+                  progress=False)
+    message = str(e.value)
+    assert "'seeds' matches no input" in message and "5.seed" in message and "5.sampler_name" in message
+    assert "node 5 (KSampler) has no input 'sampler'" in message and "sampler_name" in message
+    assert "no node with id or title 'Nope'" in message and "Digits to draw" in message
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_twenty_jobs_over_two_servers(servers, tmp_path):
+    out = tmp_path / "out"
+    grid = ["seed=1..10", "sampler_name=qs_dpmpp_2m,euler", "steps=3", *ONE_DIGIT]
+    result = run_batch(API, servers, out, grid=grid, progress=False)
+    assert result.exit_code == 0, result.messages
+    records = _manifest(out)
+    assert len(records) == 20 and all(r["status"] == "done" for r in records)
+    assert {r["server"] for r in records} == set(servers)          # both servers took jobs
+    assert check_manifest(out) == ([], [])
+    images = [out / r["images"][0] for r in records]
+    assert len(set(images)) == 20 and all(len(r["images"]) == 1 for r in records)
+    arrays = {}
+    for r, path in zip(records, images):
+        with Image.open(path) as image:
+            assert image.size == (28, 28)   # the digit model crops its 32x32 pixels to MNIST size
+            arrays[(r["params"]["seed"], r["params"]["sampler_name"])] = image.tobytes()
+        assert r["nfe"] == 3 and r["nfe_source"].startswith("server progress")
+        assert r["seed"] == [r["params"]["seed"]] and r["total_s"] >= r["run_s"] >= 0
+    assert arrays[(1, "euler")] != arrays[(2, "euler")]             # the seed reached the sampler
+    assert arrays[(1, "euler")] != arrays[(1, "qs_dpmpp_2m")]       # so did the sampler
+    rows = (out / "manifest.csv").read_text().splitlines()
+    assert len(rows) == 21 and rows[0].startswith("job_id,role,status,server,seed,steps,nfe")
+    assert (out / "contact_sheet.png").is_file()
+
+
+def test_killed_batch_resumes_without_redoing_finished_jobs(servers, tmp_path):
+    out = tmp_path / "out"
+    args = ["--grid", "seed=101..112", "--grid", "steps=25", *sum((["--grid", g] for g in ONE_DIGIT), [])]
+    cmd = [sys.executable, "-m", "batch", "run", str(API), *args, "--out", str(out), "--no-progress",
+           "--queue-depth", "1"]
+    for url in servers:
+        cmd += ["--server", url]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    done_before = []
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "manifest.json").exists():
+            done_before = [r for r in _manifest(out) if r["status"] == "done"]
+            if len(done_before) >= 3:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {r["job_id"]: r for r in _manifest(out) if r["status"] == "done"}
+    assert 3 <= len(done_before) < 12, "the batch finished before it could be killed"
+    assert check_manifest(out)[0] == []   # every listed image is there (one may be written but not yet listed)
+    stamps = {p: (out / p).stat().st_mtime_ns for r in done_before.values() for p in r["images"]}
+    # A file left by a run killed between writing an image and recording it: set aside, not overwritten or lost.
+    pending = next(r for r in _manifest(out) if r["status"] != "done")
+    (out / "images" / f"{pending['job_id']}_00.png").write_bytes(b"interrupted")
+    with pytest.raises(BatchInputError, match="--resume"):
+        run_batch(API, servers, out, grid=[a for a in args if a != "--grid"], progress=False)
+    result = run_batch(API, servers, out, grid=[a for a in args if a != "--grid"], resume=True, progress=False)
+    assert result.exit_code == 0 and result.skipped == len(done_before)
+    records = {r["job_id"]: r for r in _manifest(out)}
+    assert len(records) == 12 and all(r["status"] == "done" for r in records.values())
+    for job_id, before in done_before.items():
+        assert records[job_id]["prompt_id"] == before["prompt_id"]     # not submitted again
+    assert all((out / p).stat().st_mtime_ns == t for p, t in stamps.items())
+    assert (out / "images" / "unrecorded" / f"{pending['job_id']}_00.png").read_bytes() == b"interrupted"
+    assert check_manifest(out) == ([], [])
+
+
+def test_reference_gives_error_and_plot(servers, tmp_path):
+    out = tmp_path / "out"
+    result = run_batch(API, servers, out, grid=["seed=5,6", "steps=3,12", *ONE_DIGIT], reference=["steps=12"],
+                       progress=False)
+    assert result.exit_code == 0, result.messages
+    records = _manifest(out)
+    references = [r for r in records if r["role"] == "reference"]
+    jobs = [r for r in records if r["role"] == "job"]
+    assert len(references) == 2 and len(jobs) == 4
+    for r in jobs:
+        if r["params"]["steps"] == 12:   # the same graph as its reference: the same image
+            assert r["rmse_vs_reference"] == 0.0
+        else:
+            assert r["rmse_vs_reference"] > 0.0
+    assert (out / "speed_vs_quality.png").is_file() and check_manifest(out) == ([], [])
+
+
+def test_ui_format_workflow(servers, tmp_path):
+    result = run_batch(UI, servers, tmp_path / "out", grid=["seed=3,4", "steps=3", *ONE_DIGIT], progress=False)
+    assert result.exit_code == 0, result.messages
+    assert len(result.ids("done")) == 2
+
+
+def test_rejected_workflow_reports_the_servers_node_errors(servers, tmp_path):
+    result = run_batch(API, servers, tmp_path / "out", grid=["seed=1,2", "sampler_name=no_such_sampler", "steps=0"],
+                       progress=False)
+    assert result.exit_code == 1 and len(result.ids("failed")) == 2
+    error = _manifest(tmp_path / "out")[0]["error"]
+    assert "rejected the workflow" in error and "node 5 (KSampler)" in error
+    assert "no_such_sampler" in error and "steps" in error
+    assert sum("rejected the workflow" in m for m in result.messages) == 1   # printed once, then referred to
+    assert any("same node errors" in m for m in result.messages)
+
+
+def test_unreachable_server(servers, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run_batch(API, [dead, servers[0]], tmp_path / "one", grid=["seed=1..3", "steps=3", *ONE_DIGIT],
+                       progress=False, retries=1, backoff_s=0.05)
+    assert result.exit_code == 0 and {r["server"] for r in result.records} == {servers[0]}
+    assert any(dead in m and "retries" in m for m in result.messages)
+    result = run_batch(API, [dead], tmp_path / "none", grid=["seed=1..3", "steps=3"], progress=False, retries=1,
+                       backoff_s=0.05)
+    assert result.exit_code == 1 and len(result.ids("not_run")) == 3
+    assert any(dead in m for m in result.messages)
+    assert any("did not run" in m and all(j in m for j in result.ids("not_run")) for m in result.messages)
+
+
+class FullDisk(Storage):
+    """Accepts `room` images, then fails every write as a full disk does."""
+
+    def __init__(self, room):
+        self.room = room
+
+    def write_bytes(self, path, data):
+        if Path(path).suffix == ".png":
+            if self.room == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            self.room -= 1
+        super().write_bytes(path, data)
+
+
+def test_full_disk_names_the_job_and_keeps_the_manifest_true(servers, tmp_path):
+    out = tmp_path / "out"
+    result = run_batch(API, servers, out, grid=["seed=201..208", "steps=3", *ONE_DIGIT], storage=FullDisk(3),
+                       progress=False, report=False)
+    assert result.exit_code == 1
+    failed = [r for r in result.records if r["status"] == "failed"]
+    assert failed and all("disk full" in r["error"] and r["job_id"] in r["error"] for r in failed)
+    assert any("disk full" in m for m in result.messages)
+    assert len(result.ids("done")) == 3 and result.ids("not_run")
+    assert check_manifest(out) == ([], [])
+    assert not list((out / "images").glob(".*.tmp"))
