@@ -1,6 +1,7 @@
 """Feature caches (issue 11): the forecasters and schedules in plain torch, and the DeepCache / Block Cache nodes run
 through the real host on its own UNet, MMDiT and Flux classes (tiny seeded models, 16x16 latents)."""
 import math
+import sys
 
 import pytest
 import torch
@@ -264,29 +265,31 @@ def calibrated_graph(arch, name, steps=12, calibration_steps=12, sampler="euler"
     return graph
 
 
-@pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_calibration_is_stored_and_drives_the_calibrated_policy(inproc, arch):
+def test_calibration_is_stored_and_drives_the_calibrated_policy(inproc):
+    """Through the executor: Calibrate Cache's STRING output feeds the Block Cache in the same graph."""
     import json
     import os
 
+    arch = "flux"
     name = f"qs_test_{arch}"
-    plain, n_plain = run_counted(inproc, cache_graph(arch, steps=12))
-    result = inproc.run(calibrated_graph(arch, name))
+    plain, n_plain = run_counted(inproc, cache_graph(arch, steps=10))
+    result = inproc.run(calibrated_graph(arch, name, steps=10))
     path = inproc.base / "models" / "quickstep_cache_calibrations" / f"{name}.json"
     record = json.loads(path.read_text())
     assert record["format"] == qc.CALIBRATION_FORMAT and record["sampler"] == "sample_euler"
     assert len(record["gammas"]) == 12 and record["gammas"][0] == 1.0 and record["steps"] == 12
+    assert record["cache"] == "BlockCache" and record["structure"]["front_blocks"] == 1
     assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp")]       # written then renamed
     counter = BlockCounter()
     try:
-        cached = run_latent(inproc, calibrated_graph(arch, name, calibration_steps=0))
+        cached = run_latent(inproc, calibrated_graph(arch, name, steps=10, calibration_steps=0))
     finally:
         counter.close()
     assert torch.equal(cached, inproc.output(result, "out")["samples"])      # the stored file gives the same run
     assert counter.count < 0.8 * n_plain, (counter.count, n_plain)
     assert psnr(cached, plain) > 20.0, psnr(cached, plain)
     # another step count: the curve is interpolated in sigma
-    other = run_latent(inproc, calibrated_graph(arch, name, steps=9, calibration_steps=0))
+    other = run_latent(inproc, calibrated_graph(arch, name, steps=7, calibration_steps=0))
     assert torch.isfinite(other).all()
 
 
@@ -334,7 +337,7 @@ def test_calibration_mismatches_and_incompatible_settings_are_errors(inproc):
 DEEPCACHE_SKIPPING = {**SKIPPING["sd15"][1], "interval": 2, "start_percent": 0.0}
 
 
-def sample_sd15(patcher, positive, negative, steps=8):
+def sample_sd15(patcher, positive, negative, steps=6):
     """The host's own sampling path (SamplerCustom's), batch 1, CFG 3, euler, seeded noise."""
     import comfy.sample
     import comfy.samplers
@@ -364,6 +367,23 @@ def sd15_setup(inproc):
     base = tiny_host.build_tiny("sd15", 0)
     pos, neg = tiny_host.tiny_conditioning("sd15", 0), tiny_host.tiny_conditioning("sd15", 1)
     return base, pos, neg, sample_sd15(base, pos, neg)
+
+
+def test_deepcache_calibrated_on_another_step_count(sd15_setup):
+    """Calibrated on 9 steps with other noise, used on 6: the curve is interpolated in sigma, partial steps happen
+    and the result stays near the uncached one."""
+    import comfy.samplers
+    import nodes
+    base, pos, neg, base_plain = sd15_setup
+    module = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepDeepCache"].__module__]
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", 9).cpu()
+    record = module.calibrate(deepcache(base, NEVER["sd15"][1]), pos, neg, 3.0, comfy.samplers.sampler_object("euler"),
+                              sigmas, {"samples": torch.zeros(1, 4, 16, 16)}, 1, "qs_test_sd15")
+    assert record["cache"] == "DeepCache" and record["structure"] == {"branch": 0} and len(record["gammas"]) == 9
+    cached = sample_sd15(deepcache(base, CALIBRATED["sd15"][1] | {"calibration": "qs_test_sd15"}), pos, neg)
+    summary = module.LAST_SUMMARY["DeepCache"]
+    assert summary["partial"] > 0 and "calibrated by 'qs_test_sd15'" in summary["line"]
+    assert psnr(cached, base_plain) > 20.0
 
 
 def test_deepcache_on_a_lora_patched_model(sd15_setup):
