@@ -6,6 +6,7 @@ SAMPLERS maps a name (the node layer adds the "qs_" prefix) to a k-diffusion sam
 (with_unic, with_pfdiff, with_restart) build further samplers from a base one.
 """
 from .common import validate_sigmas
+from .distilled import FAMILIES as DISTILLED_FAMILIES, consistency_sigmas, sample_tcd
 from .frame import Frame, frame_of, is_flow, model_sampling_of
 from .parallel import sample_paradigms
 from .solvers import (UniC, run_multistep, sample_deis, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2m,
@@ -34,6 +35,7 @@ SAMPLERS = {
     "pfdiff_heun": with_pfdiff(sample_heun, k=1, h=1),
     "restart": with_restart(sample_heun),
     "paradigms": sample_paradigms,
+    "tcd": sample_tcd,
 }
 
 
@@ -46,4 +48,4 @@ def validate_options(name, **options):
 
 __all__ = ["SAMPLERS", "validate_options", "validate_sigmas", "Frame", "frame_of", "is_flow", "model_sampling_of",
            "UniC", "run_multistep", "with_unic", "with_pfdiff", "with_restart", "pfdiff_fine_steps", "pfdiff_nfe",
-           "singlestep_nfe", "DEFAULT_RESTART"] + [f.__name__ for f in SAMPLERS.values()]
+           "singlestep_nfe", "DEFAULT_RESTART", "DISTILLED_FAMILIES", "consistency_sigmas"] + [f.__name__ for f in SAMPLERS.values()]
