@@ -11,7 +11,6 @@ Output directory:
 import asyncio
 import collections
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -261,7 +260,10 @@ class _Batch:
             first = self.rejections.setdefault(e.detail, job.job_id)
             self.say(f"job {job.job_id}: {e}" if first == job.job_id else
                      f"job {job.job_id}: rejected with the same node errors as job {first}")
-        except (ServerUnreachable, TimeoutError) as e:
+        except TimeoutError as e:   # the server answers but the job outlived --timeout: the job fails, not the server
+            record.update(status="failed", error=str(e))
+            self.say(f"job {job.job_id}: {e}")
+        except ServerUnreachable as e:
             self._server_lost(server, e)
             record.update(status="not_run", error=str(e), server="", prompt_id="")
             if record["attempts"] < MAX_ATTEMPTS and not all(s.dead for s in self.servers):
@@ -342,7 +344,6 @@ async def _run(workflow, servers, out_dir, grid, rows, reference, resume, storag
             previous = manifest.load()
         messages = []
         _set_aside_unrecorded(out_dir, previous, messages.append)
-        batch_progress = None
         skipped = 0
         todo = []
         for job in jobs:

@@ -32,12 +32,11 @@ def describe_rejection(body):
     if not isinstance(body, dict):
         return str(body)[:2000]
     error = body.get("error") or {}
-    lines = [error.get("message", "") + (f" ({error['details']})" if error.get("details") else "")]
-    for node_id, info in (body.get("node_errors") or {}).items():
-        for err in info.get("errors", []):
-            lines.append(f"node {node_id} ({info.get('class_type', '?')}): {err.get('message', '')}"
-                         + (f": {err['details']}" if err.get("details") else ""))
-    return "\n  ".join(line for line in lines if line)
+    head = error.get("message", "") + (f" ({error['details']})" if error.get("details") else "")
+    lines = sorted(f"node {node_id} ({info.get('class_type', '?')}): {err.get('message', '')}"
+                   + (f": {err['details']}" if err.get("details") else "")
+                   for node_id, info in (body.get("node_errors") or {}).items() for err in info.get("errors", []))
+    return "\n  ".join(line for line in [head, *lines] if line)   # sorted: the server's order varies
 
 
 class PromptTracker:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from batch import BatchInputError, Storage, check_manifest, run_batch
 from batch.jobs import build_jobs, parse_grid, resolve_key
-from testbed.host import Server, free_port
+from bench.batch import start_servers
+from testbed.host import free_port
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 API = WORKFLOWS / "digits_fast_sampling.api.json"
@@ -25,28 +26,20 @@ ONE_DIGIT = ["4.batch_size=1", "Digits to draw.digits=7"]
 
 
 @pytest.fixture(scope="module")
-def servers(host_base, tmp_path_factory):
+def server_pair(host_base, tmp_path_factory):
     """Two servers on the test base. One torch thread each: on this shared 2-core machine that is ~20x faster per
     prompt than the default (the digit model needs no model files)."""
-    logs = tmp_path_factory.mktemp("batch_servers")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    pair = [Server(host_base, logs / f"server{i}.log") for i in range(2)]
-    try:
-        threads = [threading.Thread(target=s.start) for s in pair]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+    pair = start_servers(host_base, tmp_path_factory.mktemp("batch_servers"), 2, threads=1)
     assert all(s.alive() for s in pair), [s.log()[-2000:] for s in pair]
-    yield [f"http://{s.address}" for s in pair]
+    yield pair
     for s in pair:
         s.stop()
+
+
+@pytest.fixture()
+def servers(server_pair):
+    assert all(s.alive() for s in server_pair), "a server of this module died"
+    return [f"http://{s.address}" for s in server_pair]
 
 
 def _manifest(out):
@@ -163,6 +156,19 @@ def test_ui_format_workflow(servers, tmp_path):
     assert len(result.ids("done")) == 2
 
 
+def test_jobs_from_csv(servers, tmp_path):
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("seed,sampler_name,steps,4.batch_size\n11,euler,3,1\n12,,3,1\n")   # empty: the workflow's
+    result = run_batch(API, servers, tmp_path / "out", jobs=jobs, progress=False)
+    assert result.exit_code == 0, result.messages
+    records = _manifest(tmp_path / "out")
+    assert [r["inputs"] for r in records] == [
+        {"5.seed": 11, "5.sampler_name": "euler", "5.steps": 3, "4.batch_size": 1},
+        {"5.seed": 12, "5.steps": 3, "4.batch_size": 1}]
+    with pytest.raises(BatchInputError, match="either a grid or a jobs file"):
+        run_batch(API, servers, tmp_path / "both", jobs=jobs, grid=["seed=1"], progress=False)
+
+
 def test_rejected_workflow_reports_the_servers_node_errors(servers, tmp_path):
     result = run_batch(API, servers, tmp_path / "out", grid=["seed=1,2", "sampler_name=no_such_sampler", "steps=0"],
                        progress=False)
@@ -212,3 +218,31 @@ def test_full_disk_names_the_job_and_keeps_the_manifest_true(servers, tmp_path):
     assert len(result.ids("done")) == 3 and result.ids("not_run")
     assert check_manifest(out) == ([], [])
     assert not list((out / "images").glob(".*.tmp"))
+
+
+def test_server_lost_mid_batch_hands_its_jobs_to_the_other(server_pair, tmp_path):
+    """Runs last: kills one of the module's servers while it holds jobs of the batch."""
+    urls = [f"http://{s.address}" for s in server_pair]
+    out = tmp_path / "out"
+
+    def kill_second_server_after_two_jobs():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if (out / "manifest.json").exists():
+                records = _manifest(out)
+                if sum(r["status"] == "done" for r in records) >= 2 and any(
+                        r["status"] == "running" and r["server"] == urls[1] for r in records):
+                    server_pair[1].proc.kill()
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_second_server_after_two_jobs)
+    killer.start()
+    result = run_batch(API, urls, out, grid=["seed=301..308", "steps=25", *ONE_DIGIT], progress=False,
+                       retries=2, backoff_s=0.05)
+    killer.join()
+    assert not server_pair[1].alive()
+    assert result.exit_code == 0, result.messages
+    assert any(urls[1] in m and "unreachable" in m for m in result.messages)
+    assert any(r["attempts"] == 2 and r["server"] == urls[0] for r in result.records)   # re-run on the live one
+    assert check_manifest(out) == ([], [])
