@@ -150,10 +150,11 @@ def test_reference_gives_error_and_plot(servers, tmp_path):
     assert (out / "speed_vs_quality.png").is_file() and check_manifest(out) == ([], [])
 
 
-def test_ui_format_workflow(servers, tmp_path):
-    result = run_batch(UI, servers, tmp_path / "out", grid=["seed=3,4", "steps=3", *ONE_DIGIT], progress=False)
+def test_ui_format_workflow_with_progress_bars(servers, tmp_path, capsys):
+    result = run_batch(UI, servers, tmp_path / "out", grid=["seed=3,4", "steps=3", *ONE_DIGIT], progress=True)
     assert result.exit_code == 0, result.messages
     assert len(result.ids("done")) == 2
+    assert "batch: 100%" in capsys.readouterr().err   # the tqdm bars (overall and per job) ran
 
 
 def test_jobs_from_csv(servers, tmp_path):
