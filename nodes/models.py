@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from .common import CATEGORY, QuickstepInputError, require_choice
 from ..modelzoo import mnist_unet
+from ..modelzoo.students import STUDENTS, TEACHER_PREDICTION, student_path
 
 PREDICTIONS = mnist_unet.PREDICTIONS
 
@@ -17,18 +18,31 @@ class QuickstepDigitModel(io.ComfyNode):
             display_name="Digit Model (embedded)",
             category=f"{CATEGORY}/models",
             description="Loads Quickstep's embedded MNIST digit model: a small UNet of ComfyUI's SD1.5 "
-                        "architecture working on 32x32 one-channel pixels. No download.",
+                        "architecture working on 32x32 one-channel pixels. No download. 'distilled' picks the "
+                        "one-step consistency student of the flow variant (CFG 2 baked in: sample it at cfg 1 "
+                        "with 1-2 steps, e.g. the TCD Sampler at gamma 1).",
             inputs=[io.Combo.Input("prediction", options=list(PREDICTIONS), default="eps",
-                                   tooltip="Which trained variant to load (its prediction type).")],
+                                   tooltip="Which trained variant to load (its prediction type)."),
+                    io.Combo.Input("distilled", options=["none", *STUDENTS], default="none", optional=True,
+                                   tooltip="none: the teacher; consistency: its one-step student (flow only).")],
             outputs=[io.Model.Output()])
 
     @classmethod
-    def execute(cls, prediction):
-        require_choice("Digit Model", "prediction", prediction, PREDICTIONS)
-        if not mnist_unet.weights_path(prediction).exists():
-            raise QuickstepInputError("Digit Model", f"prediction = {prediction!r}: its weights "
-                                      f"{mnist_unet.weights_path(prediction).name} are not shipped in this install")
-        return io.NodeOutput(mnist_unet.load_mnist_model(prediction=prediction))
+    def execute(cls, prediction, distilled="none"):
+        node = "Digit Model"
+        require_choice(node, "prediction", prediction, PREDICTIONS)
+        require_choice(node, "distilled", distilled, ["none", *STUDENTS])
+        if distilled == "none":
+            path = mnist_unet.weights_path(prediction)
+        elif prediction != TEACHER_PREDICTION:
+            raise QuickstepInputError(node, f"distilled = {distilled!r} exists for prediction "
+                                            f"{TEACHER_PREDICTION!r} only, got prediction = {prediction!r}")
+        else:
+            path = student_path(distilled)
+        if not path.exists():
+            raise QuickstepInputError(node, f"prediction = {prediction!r}, distilled = {distilled!r}: its weights "
+                                            f"{path.name} are not shipped in this install")
+        return io.NodeOutput(mnist_unet.load_mnist_model(path, prediction=prediction))
 
 
 class QuickstepDigitConditioning(io.ComfyNode):

@@ -65,6 +65,21 @@ def learning_rate(step, settings):
     return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimizer_step(optimizer, loss, trained, ema, step, settings):
+    """One AdamW step at the scheduled learning rate (gradients clipped to norm 1), then the EMA update."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, settings)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
+    optimizer.step()
+    # EMA decay warms up so the average does not drag in the random init on short runs.
+    decay = min(settings.ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for average, p in zip(ema, trained):
+            average.lerp_(p, 1 - decay)
+
+
 def diffusion_loss(model, x0, context, prediction, generator):
     """The per-batch training loss, computed through the host's apply_model."""
     noise = torch.randn(x0.shape, generator=generator)
@@ -118,18 +133,7 @@ def train(settings):
         digits[torch.rand(settings.batch, generator=generator) < settings.label_dropout] = mnist_unet.NULL_DIGIT
         loss = diffusion_loss(model, images[index], table[digits], settings.prediction, generator)
 
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        # EMA decay warms up so the average does not drag in the random init on short runs.
-        decay = min(settings.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for average, p in zip(ema, trained):
-                average.lerp_(p, 1 - decay)
-
+        optimizer_step(optimizer, loss, trained, ema, step, settings)
         losses.append(loss.item())
         if (step + 1) % settings.log_every == 0:
             recent = sum(losses[-settings.log_every:]) / settings.log_every
