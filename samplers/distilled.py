@@ -28,12 +28,12 @@ def _check_tcd(gamma=0.3, pure_noise_start=False, noise_sampler=None, stats=None
 
 def intermediate_sigma(model_sampling, sigma_next, gamma):
     """TCD's intermediate level: (1 - gamma) of the next TIMESTEP, floored onto the model's integer grid, as a
-    sigma.  Without a host model_sampling (plain torch), time is sigma itself and no grid applies."""
+    sigma.  Without a host model_sampling's time map (plain torch), time is sigma itself and no grid applies."""
     if sigma_next <= 0.0 or gamma == 0.0:
         return sigma_next
     if gamma == 1.0:        # consistency-model sampling: the clean end itself, not the grid's first level
         return 0.0
-    if model_sampling is None:
+    if not hasattr(model_sampling, "timestep"):       # no host time map (plain torch): time is sigma itself
         return (1.0 - gamma) * sigma_next
     timestep = float(model_sampling.timestep(torch.tensor([sigma_next], dtype=torch.float32))[0])
     target = math.floor((1.0 - gamma) * timestep)

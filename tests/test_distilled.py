@@ -175,3 +175,16 @@ def test_tcd_in_the_stock_sampler_list_and_its_gamma_errors(inproc):
         qd.sample_tcd.validate(gamma=-0.1)
     with pytest.raises(ValueError, match="gamma"):
         qd.sample_tcd.validate(gamma=math.nan)
+
+
+def test_tcd_at_gamma_0_is_ddim():
+    """gamma 0: no re-noising, each step the exponential-integrator first-order (DDIM) jump = Euler in sigma."""
+    import samplers
+    from modelzoo.gmm import GaussianMixture
+    gmm = GaussianMixture((4, 4, 4), 6, 0)
+    model = lambda x, sigma, **_: gmm.denoise(x.double(), sigma.double()[0], False).float()   # noqa: E731
+    x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * 14.6
+    sigmas = torch.tensor([14.6, 3.0, 0.7, 0.1, 0.0])
+    tcd = qd.sample_tcd(model, x, sigmas, gamma=0.0)
+    euler = samplers.SAMPLERS["euler"](model, x, sigmas)
+    assert torch.allclose(tcd, euler, atol=1e-5)

@@ -277,7 +277,7 @@ ALL = sorted(Q.SAMPLERS)
 @pytest.mark.parametrize("name", ALL)
 def test_partial_denoise_batch_fp16_and_callback(family, name):
     """Start mid-schedule (img2img), batch of 8, fp16 model output: finite fp32 output, close to the exact ODE
-    (restart is stochastic: only finiteness), one callback per reported step."""
+    (restart and TCD are stochastic: only finiteness), one callback per reported step."""
     sigmas = family.schedule(24, True)[8:]
     start_sigma = float(sigmas[0])
     x0 = GMM.sample(8, seed=4).float()
@@ -288,7 +288,7 @@ def test_partial_denoise_batch_fp16_and_callback(family, name):
     out = Q.SAMPLERS[name](FakeModel(family.flow, torch.float16), x, sigmas, callback=seen.append)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert seen and all(set(info) == {"x", "i", "sigma", "sigma_hat", "denoised"} for info in seen)
-    if name != "restart":
+    if name not in ("restart", "tcd"):
         exact = exact_ode_solution(GMM, x.double(), start_sigma, 0.0, flow=family.flow)
         limit = 0.1 if name.startswith("pfdiff") else 0.05      # PFDiff spends ~1/3 (k=2) or 1/2 of the calls
         assert (out.double() - exact).pow(2).mean().sqrt().item() < limit, name
