@@ -1,14 +1,18 @@
-"""Quickstep: fast diffusion sampling for ComfyUI. Registers the pack's nodes through the host's v3 API."""
+"""Quickstep: fast diffusion sampling for ComfyUI. Registers the pack's nodes through the host's v3 API, after
+checking that the host APIs they use exist (host_api.py): a host without them logs why, and starts without us."""
 import logging
 
-from typing_extensions import override
+from .host_api import missing_host_apis
 
-try:
-    from comfy_api.latest import ComfyExtension
-except ImportError as error:   # a host without the v3 node API: say so, never break the host's start-up
-    logging.error("Quickstep is not loaded: this ComfyUI lacks the v3 node API (%s); it needs ComfyUI 0.3.75 or "
-                  "newer.", error)
+MISSING = missing_host_apis()
+
+if MISSING:
+    logging.error("Quickstep is not loaded: this ComfyUI lacks %s; Quickstep needs ComfyUI 0.3.75 or newer.",
+                  ", ".join(MISSING))
 else:
+    from typing_extensions import override
+    from comfy_api.latest import ComfyExtension
+
     from .nodes import NODES
 
     class QuickstepExtension(ComfyExtension):
