@@ -18,6 +18,17 @@ def combo_options(spec):
     return None
 
 
+def widget_defaults(object_info, class_type):
+    """The default value of every required widget input of `class_type` (a combo's first option when it has no
+    default): what a node dropped into the frontend starts with."""
+    values = {}
+    for name, spec in object_info[class_type]["input"].get("required", {}).items():
+        if _is_widget(spec):
+            options = spec[1] if len(spec) > 1 else {}
+            values[name] = options.get("default", (combo_options(spec) or [None])[0])
+    return values
+
+
 def _inputs_in_order(info):
     order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
     for section in ("required", "optional"):

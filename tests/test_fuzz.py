@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batch.workflow_format import widget_defaults
 from testbed.host import PromptRejected
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "digits_fast_sampling.api.json"
@@ -75,7 +76,7 @@ def fuzz_graphs(draw, object_info):
             elif kind in PROVIDERS:
                 provider = dict(PROVIDERS[kind])
                 if provider["inputs"] is None:
-                    provider["inputs"] = _defaults(object_info, provider["class_type"])
+                    provider["inputs"] = widget_defaults(object_info, provider["class_type"])
                 elif kind == "SIGMAS":
                     provider["inputs"] = {"text": draw(st.sampled_from(SIGMA_TEXTS))}
                 elif kind == "MODEL":
@@ -88,16 +89,6 @@ def fuzz_graphs(draw, object_info):
     if spec.get("output"):
         graph["sink"] = {"class_type": "PreviewAny", "inputs": {"source": ["fuzzed", 0]}}
     return graph
-
-
-def _defaults(object_info, class_type):
-    required = object_info[class_type]["input"]["required"]
-    values = {}
-    for input_name, entry in required.items():
-        kind, options = entry[0], (entry[1] if len(entry) > 1 else {})
-        values[input_name] = kind[0] if isinstance(kind, list) else options.get("default", options.get("options",
-                                                                                                      [None])[0])
-    return values
 
 
 def _digits_png(client):
