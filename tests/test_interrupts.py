@@ -1,5 +1,6 @@
 """Interrupts through the real HTTP server: POST /interrupt in the middle of sampling (a Quickstep sampler over a
-DeepCache-patched model) and of schedule optimization; the server stays up and the next run equals a clean run."""
+DeepCache-patched model, parallel sampling), schedule optimization and guided restoration (DPS); the server stays up
+and the next run equals a clean run."""
 import io
 
 import numpy
@@ -76,3 +77,48 @@ def test_interrupted_schedule_optimization_leaves_the_server_usable(client, serv
     assert server.alive()
     finished = client.run(digits_graph(3003, cache=False, steps=4))
     assert finished.status == "success", finished.error()
+
+
+def test_interrupted_guided_restoration_leaves_the_next_run_clean(client, server, inproc, host_base):
+    """DPS (a gradient through the model every step) stopped mid-run: no autograd graph or guidance state leaks into
+    the next run, which equals the in-process run of the same graph."""
+    import safetensors.torch
+    import torch
+    from modelzoo import mnist_unet
+    _, _, pixels, _ = mnist_unet.mnist_split()
+    name = "quickstep_interrupt_digits.latent"
+    safetensors.torch.save_file({"latent_tensor": mnist_unet.mnist_to_latent(pixels[:2]).contiguous(),
+                                 "latent_format_version_0": torch.tensor([])}, str(host_base / "input" / name))
+
+    def graph(seed):
+        operator = {"kind": "gaussian_blur", "factor": "4", "sigma_y": 0.05, "fraction": 0.5, "side": "bottom",
+                    "width": 32, "height": 32, "mask_seed": 0, "kernel_size": 9, "blur_sigma": 2.0, "angle": 30.0,
+                    "direction": 0.0, "jpeg_quality": 30, "channels": 1}
+        return {
+            "model": {"class_type": "QuickstepDigitModel", "inputs": {"prediction": "eps"}},
+            "cond": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": ""}},
+            "clean": {"class_type": "LoadLatent", "inputs": {"latent": name}},
+            "op": {"class_type": "QuickstepDegradationOperator", "inputs": operator},
+            "degrade": {"class_type": "QuickstepDegrade",
+                        "inputs": {"operator": ["op", 0], "samples": ["clean", 0], "seed": 1}},
+            "sampler": {"class_type": "QuickstepRestorationSampler",
+                        "inputs": {"operator": ["op", 0], "measurement": ["degrade", 0], "method": "dps",
+                                   "eta": 1.0, "jump_length": 1, "resample_count": 1, "strength": 1.0,
+                                   "learning_rate": 0.1}},
+            "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": "karras",
+                                                                  "steps": 8, "denoise": 1.0}},
+            "out": {"class_type": "SamplerCustom",
+                    "inputs": {"model": ["model", 0], "add_noise": True, "noise_seed": seed, "cfg": 1.0,
+                               "positive": ["cond", 0], "negative": ["cond", 0], "sampler": ["sampler", 0],
+                               "sigmas": ["sigmas", 0], "latent_image": ["clean", 0]}},
+            "image": {"class_type": "QuickstepDigitToImage", "inputs": {"samples": ["out", 0]}},
+            "save": {"class_type": "SaveImage", "inputs": {"images": ["image", 0], "filename_prefix": "qs_dps"}},
+        }
+
+    interrupted = client.run(graph(11), on_event=interrupt_on_progress("out", 3))
+    assert interrupted.status == "interrupted", interrupted.events[-3:]
+    assert server.alive()
+    after = client.run(graph(12))
+    assert after.status == "success", after.error()
+    diff = numpy.abs(_pixels(client, after).astype(int) - _inproc_pixels(inproc, graph(12)).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
