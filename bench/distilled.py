@@ -43,7 +43,7 @@ def frechet(a, b):
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-def configurations(teacher, student):
+def configurations(teacher, student, dsno):
     import samplers
     from modelzoo import students
     euler, tcd, dpm = samplers.SAMPLERS["euler"], samplers.SAMPLERS["tcd"], samplers.SAMPLERS["dpmpp_2m"]
@@ -55,7 +55,8 @@ def configurations(teacher, student):
             ("teacher, 4 steps (DPM-Solver++ 2M)", teacher, sig(4), cfg, dpm, 4),
             ("consistency student, 1 step", student, sig(1), 1.0, tcd, 1),
             ("consistency student, 2 steps (gamma 1)", student, sig(2), 1.0, tcd, 2),
-            ("consistency student, 4 steps (gamma 1)", student, sig(4), 1.0, tcd, 4)]
+            ("consistency student, 4 steps (gamma 1)", student, sig(4), 1.0, tcd, 4),
+            ("DSNO-style student, 1 call (4 trajectory points batched)", dsno, sig(1), 1.0, euler, 1)]
 
 
 def main(argv=None):
@@ -73,8 +74,7 @@ def main(argv=None):
     from modelzoo import mnist_unet, students
     torch.set_num_threads(args.threads)
     teacher = mnist_unet.load_mnist_model(prediction=students.TEACHER_PREDICTION).model
-    student = mnist_unet.load_mnist_model(students.student_path("consistency"),
-                                          prediction=students.TEACHER_PREDICTION).model
+    student, dsno = students.load_student("consistency").model, students.load_student("dsno").model
     net = classifier()
     train_pixels, _, eval_pixels, _ = mnist_unet.mnist_split()
     reference = features(net, torch.as_tensor(train_pixels) / 255.0)
@@ -82,7 +82,7 @@ def main(argv=None):
              "fd": frechet(features(net, torch.as_tensor(eval_pixels[:args.samples]) / 255.0), reference)}]
     digits = [i % 10 for i in range(args.samples)]
     grid = []
-    for name, model, sigmas, cfg, sampler, steps in configurations(teacher, student):
+    for name, model, sigmas, cfg, sampler, steps in configurations(teacher, student, dsno):
         started = time.time()
         out = torch.cat([students.sample(model, part, sigmas, cfg, args.seed + i, sampler)
                          for i, part in enumerate([digits[k:k + 100] for k in range(0, len(digits), 100)])])

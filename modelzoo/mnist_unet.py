@@ -120,8 +120,9 @@ def write_weights(path, unet_state_dict, embedding, metadata):
     safetensors.torch.save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
-def load_mnist_model(path=None, prediction="eps"):
-    """A host ModelPatcher around the trained UNet of the `prediction` variant (weights from `path` if given)."""
+def load_mnist_model(path=None, prediction="eps", build=build_base_model):
+    """A host ModelPatcher around the trained UNet of the `prediction` variant (weights from `path` if given).
+    `build(prediction, device, dtype, manual_cast_dtype)` makes the BaseModel whose network the weights fill."""
     import comfy.model_management
     import comfy.model_patcher
 
@@ -138,7 +139,7 @@ def load_mnist_model(path=None, prediction="eps"):
     dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=supported,
                                               weight_dtype=torch.float32)
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
-    model = build_base_model(prediction, device=offload_device, dtype=dtype, manual_cast_dtype=manual_cast_dtype)
+    model = build(prediction, device=offload_device, dtype=dtype, manual_cast_dtype=manual_cast_dtype)
     model.diffusion_model.load_state_dict(unet, strict=True)
     # Inference only: no autograd graphs when samplers are driven outside the host's inference mode.
     model.diffusion_model.requires_grad_(False)

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from .common import CATEGORY, QuickstepInputError, require_choice
 from ..modelzoo import mnist_unet
-from ..modelzoo.students import STUDENTS, TEACHER_PREDICTION, student_path
+from ..modelzoo.students import STUDENTS, TEACHER_PREDICTION, load_student, student_path
 
 PREDICTIONS = mnist_unet.PREDICTIONS
 
@@ -19,12 +19,12 @@ class QuickstepDigitModel(io.ComfyNode):
             category=f"{CATEGORY}/models",
             description="Loads Quickstep's embedded MNIST digit model: a small UNet of ComfyUI's SD1.5 "
                         "architecture working on 32x32 one-channel pixels. No download. 'distilled' picks the "
-                        "one-step consistency student of the flow variant (CFG 2 baked in: sample it at cfg 1 "
-                        "with 1-2 steps, e.g. the TCD Sampler at gamma 1).",
+                        "one-step students of the flow variant (CFG 2 baked in: sample at cfg 1): consistency "
+                        "(1-2 steps, e.g. the TCD Sampler at gamma 1) or DSNO-style (exactly one step, from sigma 1).",
             inputs=[io.Combo.Input("prediction", options=list(PREDICTIONS), default="eps",
                                    tooltip="Which trained variant to load (its prediction type)."),
                     io.Combo.Input("distilled", options=["none", *STUDENTS], default="none", optional=True,
-                                   tooltip="none: the teacher; consistency: its one-step student (flow only).")],
+                                   tooltip="none: the teacher; consistency / dsno: its one-step students (flow only).")],
             outputs=[io.Model.Output()])
 
     @classmethod
@@ -32,17 +32,16 @@ class QuickstepDigitModel(io.ComfyNode):
         node = "Digit Model"
         require_choice(node, "prediction", prediction, PREDICTIONS)
         require_choice(node, "distilled", distilled, ["none", *STUDENTS])
-        if distilled == "none":
-            path = mnist_unet.weights_path(prediction)
-        elif prediction != TEACHER_PREDICTION:
+        if distilled != "none" and prediction != TEACHER_PREDICTION:
             raise QuickstepInputError(node, f"distilled = {distilled!r} exists for prediction "
                                             f"{TEACHER_PREDICTION!r} only, got prediction = {prediction!r}")
-        else:
-            path = student_path(distilled)
+        path = mnist_unet.weights_path(prediction) if distilled == "none" else student_path(distilled)
         if not path.exists():
             raise QuickstepInputError(node, f"prediction = {prediction!r}, distilled = {distilled!r}: its weights "
                                             f"{path.name} are not shipped in this install")
-        return io.NodeOutput(mnist_unet.load_mnist_model(path, prediction=prediction))
+        if distilled == "none":
+            return io.NodeOutput(mnist_unet.load_mnist_model(path, prediction=prediction))
+        return io.NodeOutput(load_student(distilled))
 
 
 class QuickstepDigitConditioning(io.ComfyNode):

@@ -1,12 +1,13 @@
-"""The distilled consistency student of the embedded digit model, through the same nodes as its teacher in the real
-host: one step lands near the teacher's 20-step sample from the same noise, far nearer than the teacher's own single
-step, and asking for a student of the eps variant is refused."""
+"""The distilled students of the embedded digit model (consistency and DSNO-style), through the same nodes as their
+teacher in the real host: one call lands near the teacher's 20-step sample from the same noise, far nearer than the
+teacher's own single step, and asking for a student of the eps variant is refused."""
 import torch
 
 from graphs import sink
 from modelzoo.students import TEACHER_CFG
 
 DIGITS = "0123456789"
+DSNO_BOUND = 0.6
 
 
 def _graph(distilled, sampler_node, steps, cfg, prediction="flow"):
@@ -42,11 +43,13 @@ def test_one_step_student_lands_near_the_teachers_20_step_sample(inproc):
     teacher_1 = _digits(inproc, _graph("none", euler, 1, TEACHER_CFG))
     student_1 = _digits(inproc, _graph("consistency", tcd_gamma_1, 1, 1.0))
     student_2 = _digits(inproc, _graph("consistency", tcd_gamma_1, 2, 1.0))
+    dsno = _digits(inproc, _graph("dsno", euler, 1, 1.0))
     near, far = _rms(student_1, teacher_20), _rms(teacher_1, teacher_20)
     print(f"RMS to the teacher's 20-step samples: student 1 step {near:.3f}, 2 steps {_rms(student_2, teacher_20):.3f}"
-          f", teacher 1 step {far:.3f}")
+          f", DSNO-style 1 call {_rms(dsno, teacher_20):.3f}, teacher 1 step {far:.3f}")
     assert near < 0.6 * far          # measured 0.51x (0.155 vs 0.305)
     assert torch.isfinite(student_2).all() and _rms(student_2, teacher_20) < far
+    assert torch.isfinite(dsno).all() and _rms(dsno, teacher_20) < DSNO_BOUND * far
 
 
 def test_a_student_of_the_eps_variant_is_refused(inproc):
