@@ -113,9 +113,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import tempfile
     from testbed.host import HOST_DIR, Client, Server, prepare_base
-    from testbed.make_model_files import write_model_files
-    base = prepare_base(HOST_DIR / "testbase", with_testbed_nodes=True)
-    write_model_files(base)
+    base = prepare_base(HOST_DIR / "testbase", with_testbed_nodes=True)      # every model here is built by a node
     server = Server(base, Path(tempfile.mkdtemp()) / "soak_server.log").start()
     try:
         stats = soak(Client(server.address), server.proc.pid, args.prompts)
