@@ -689,6 +689,7 @@ def calibrate(model, positive, negative, cfg, sampler, sigmas, latent, seed, nam
     """Sample once with the model's Quickstep cache computing every step, store the measured magnitude curve as
     calibration `name` and return the record."""
     import comfy.sample
+    import comfy.utils
     config = model.model_options.get("transformer_options", {}).get(KEY)
     if not isinstance(config, CacheConfig):
         raise QuickstepInputError(node, "the model carries no Quickstep cache: connect the output of DeepCache (UNet) "
@@ -701,8 +702,11 @@ def calibrate(model, positive, negative, cfg, sampler, sigmas, latent, seed, nam
     patched.model_options["transformer_options"][KEY] = measuring
     samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    # The host's progress bar: shows the run in the UI and is where the host checks for an interrupt.
+    bar = comfy.utils.ProgressBar(len(sigmas) - 1)
     comfy.sample.sample_custom(patched, noise, cfg, sampler, sigmas, positive, negative, samples,
-                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed,
+                               callback=lambda step, x0, x, total: bar.update_absolute(step + 1, total))
     try:
         curve = qc.MagnitudeCurve.from_measurements(float(sigmas[0]), measuring.measure)
     except ValueError as e:

@@ -122,3 +122,35 @@ def test_interrupted_guided_restoration_leaves_the_next_run_clean(client, server
     assert after.status == "success", after.error()
     diff = numpy.abs(_pixels(client, after).astype(int) - _inproc_pixels(inproc, graph(12)).astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_interrupted_cache_calibration_writes_nothing_and_the_next_one_works(client, server, host_base):
+    folder = host_base / "models" / "quickstep_cache_calibrations"
+
+    def graph(name):
+        return {
+            "model": {"class_type": "QuickstepTestTinyModel", "inputs": {"arch": "sd15", "seed": 0}},
+            "cached": {"class_type": "QuickstepDeepCache",
+                       "inputs": {"model": ["model", 0], "interval": 2, "schedule": "uniform", "branch": 0,
+                                  "start_percent": 0.0, "end_percent": 1.0, "forecaster": "reuse", "history": 3}},
+            "cond": {"class_type": "QuickstepTestConditioning", "inputs": {"arch": "sd15", "seed": 0,
+                                                                          "context_dim": 0}},
+            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["model", 0], "scheduler": "normal",
+                                                                  "steps": 10, "denoise": 1.0}},
+            "calib": {"class_type": "QuickstepCacheCalibration",
+                      "inputs": {"model": ["cached", 0], "positive": ["cond", 0], "negative": ["cond", 0],
+                                 "cfg": 2.0, "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+                                 "latent_image": ["latent", 0], "noise_seed": 0, "name": name}},
+            "keep": {"class_type": "PreviewAny", "inputs": {"source": ["calib", 0]}},
+        }
+
+    interrupted = client.run(graph("qs_interrupted_calibration"), on_event=interrupt_on_progress("calib", 3))
+    assert interrupted.status == "interrupted", interrupted.events[-3:]
+    assert server.alive()
+    assert not (folder / "qs_interrupted_calibration.json").exists()
+    finished = client.run(graph("qs_after_interrupt_calibration"))
+    assert finished.status == "success", finished.error()
+    assert (folder / "qs_after_interrupt_calibration.json").exists()
+    assert not [p for p in folder.glob("*") if not p.name.endswith(".json")]     # no temporary file left behind
