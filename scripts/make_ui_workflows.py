@@ -1,6 +1,10 @@
 """Writes workflows/<name>.ui.json (the frontend's format, laid out and grouped) for every workflows/<name>.api.json,
-from the live /object_info of the real host. Run after changing an API workflow or a node's inputs; a test fails
-when the two files disagree.
+from the live /object_info of the real host. Run after changing an API workflow, its entry in workflows/index.json
+or a node's inputs; a test fails when the files disagree.
+
+index.json gives each workflow a title and, optionally, titled groups of node ids that explain the graph
+("1. Your checkpoint and prompt", ...): each group becomes a box of its own, left to right, its nodes in columns by
+their depth in the graph. A workflow without groups is boxed whole under its title.
 usage: .host/venv/bin/python scripts/make_ui_workflows.py"""
 import json
 import sys
@@ -9,10 +13,65 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 
-from testbed.host import HOST_DIR, Client, Server, prepare_base  # noqa: E402
-from testbed.workflow_format import api_to_ui  # noqa: E402
+# _depths: the column of each node in api_to_ui's own layout, reused so a group's columns follow the same order
+from batch.workflow_format import _depths, api_to_ui  # noqa: E402
 
 WORKFLOWS = PACK_DIR / "workflows"
+NODE_WIDTH = 320
+COLUMN_GAP = 40
+ROW_GAP = 30
+GROUP_GAP = 60
+GROUP_PAD = 15
+GROUP_TITLE = 50          # room above a group's nodes for its title bar
+TITLE_CHAR_WIDTH = 12     # rough width of one character of a group title at font size 20
+GROUP_COLORS = ["#3f789e", "#8a6d3b", "#3f7e5a", "#7e3f6a", "#5a5a8a", "#8a4a3b"]
+
+
+def _node_height(ui_node):
+    """About the height the frontend draws a node at: title, one row per linked input or output, one per widget
+    (multiline text boxes taller)."""
+    slots = max(sum(1 for i in ui_node["inputs"] if "widget" not in i), len(ui_node["outputs"]))
+    widgets = len(ui_node["widgets_values"])
+    multiline = 80 if ui_node["type"] == "CLIPTextEncode" else 0
+    return 40 + 22 * slots + 26 * widgets + multiline
+
+
+def _lay_out_groups(ui, api, groups):
+    """Moves the nodes of `ui` (ids numbered as api_to_ui numbers them) into one box per group."""
+    ui_id = {node_id: i + 1 for i, node_id in enumerate(api)}
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    depth = _depths(api)
+    grouped = [node_id for group in groups for node_id in group["nodes"]]
+    if sorted(grouped) != sorted(api):
+        raise ValueError(f"groups must hold every node exactly once: {sorted(grouped)} vs {sorted(api)}")
+    boxes = []
+    x = 10
+    for k, group in enumerate(groups):
+        columns = sorted({depth[n] for n in group["nodes"]})
+        col_x = {d: x + GROUP_PAD + i * (NODE_WIDTH + COLUMN_GAP) for i, d in enumerate(columns)}
+        col_y = {d: 10 + GROUP_TITLE for d in columns}
+        for node_id in group["nodes"]:
+            node = by_id[ui_id[node_id]]
+            height = _node_height(node)
+            node["pos"] = [col_x[depth[node_id]], col_y[depth[node_id]]]
+            node["size"] = [NODE_WIDTH, height]
+            col_y[depth[node_id]] += height + ROW_GAP
+        width = max(len(columns) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP + 2 * GROUP_PAD,
+                    len(group["title"]) * TITLE_CHAR_WIDTH + 2 * GROUP_PAD)
+        height = max(col_y.values()) - 10 - ROW_GAP + GROUP_PAD
+        boxes.append({"title": group["title"], "bounding": [x, 10, width, height],
+                      "color": GROUP_COLORS[k % len(GROUP_COLORS)], "font_size": 20, "flags": {}})
+        x += width + GROUP_GAP
+    ui["groups"] = boxes
+    return ui
+
+
+def ui_workflow(api, object_info, entry):
+    """The UI document for an API workflow and its index.json entry."""
+    ui = api_to_ui(api, object_info, entry["title"])
+    if entry.get("groups"):
+        _lay_out_groups(ui, api, entry["groups"])
+    return ui
 
 
 def write_ui_workflows(object_info):
@@ -20,8 +79,7 @@ def write_ui_workflows(object_info):
     written = []
     for api_path in sorted(WORKFLOWS.glob("*.api.json")):
         name = api_path.name[:-len(".api.json")]
-        api = json.loads(api_path.read_text())
-        ui = api_to_ui(api, object_info, index[name]["title"])
+        ui = ui_workflow(json.loads(api_path.read_text()), object_info, index[name])
         ui_path = WORKFLOWS / f"{name}.ui.json"
         ui_path.write_text(json.dumps(ui, indent=1) + "\n")
         written.append(ui_path)
@@ -29,6 +87,7 @@ def write_ui_workflows(object_info):
 
 
 def main():
+    from testbed.host import HOST_DIR, Client, Server, prepare_base
     server = Server(prepare_base(HOST_DIR / "demobase"), HOST_DIR / "workflows-server.log").start()
     try:
         for path in write_ui_workflows(Client(server.address).object_info()):

@@ -1,17 +1,44 @@
 """Shared workflows stay valid against the live /object_info of the real host, their UI and API files describe the
-same graph, and every API workflow runs end to end through the HTTP server."""
+same graph (the UI file laid out in titled groups), and every API workflow runs end to end through the HTTP server on
+the test models.
+
+The workflows name the stock model files a user has (v1-5-pruned-emaonly.safetensors, an SD3 diffusion model, its
+text encoders); only this test maps them to the test bed's files, swaps the text encoders for seeded test
+conditioning (the tiny checkpoint has no CLIP) and shrinks sizes and step counts so each run takes seconds."""
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from testbed.host import Client
+from testbed.make_model_files import CHECKPOINT, MMDIT_FILE
+from testbed.workflow_format import canonical, combo_options, ui_to_api
 
-from testbed.workflow_format import api_to_ui, canonical, combo_options, ui_to_api
-
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
-API_FILES = sorted(WORKFLOWS.glob("*.api.json"))
+PACK_DIR = Path(__file__).resolve().parent.parent
+WORKFLOWS = PACK_DIR / "workflows"
 INDEX = json.loads((WORKFLOWS / "index.json").read_text())
+# index order: a workflow that needs another's result (a saved schedule) comes after it
+API_FILES = sorted(WORKFLOWS.glob("*.api.json"), key=lambda p: list(INDEX).index(p.name[:-len(".api.json")])
+                   if p.name[:-len(".api.json")] in INDEX else len(INDEX))
+TEST_IMAGE = "quickstep_workflow_test.png"
+
+_spec = importlib.util.spec_from_file_location("make_ui_workflows", PACK_DIR / "scripts" / "make_ui_workflows.py")
+make_ui_workflows = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_ui_workflows)
+
+# (class_type, input) -> the test bed's file. The SD3 workflow's VAE becomes a seeded TAESD3 (written below): the
+# test bed has no full SD3 VAE, and VAELoader takes "taesd3" as one of its own names.
+TEST_FILES = {("CheckpointLoaderSimple", "ckpt_name"): CHECKPOINT, ("UNETLoader", "unet_name"): MMDIT_FILE,
+              ("VAELoader", "vae_name"): "taesd3", ("LoadImage", "image"): TEST_IMAGE}
+USER_FILE_INPUTS = set(TEST_FILES) | {("TripleCLIPLoader", f"clip_name{i}") for i in (1, 2, 3)}
+# Text encoders by the loader their CLIP comes from: (test conditioning arch, context width; 0 = the model's own)
+CONDITIONING_FOR = {"CheckpointLoaderSimple": ("sd15", 768), "TripleCLIPLoader": ("mmdit", 0)}
+CHEAP = {"EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+         "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
+         "ImageScale": {"width": 64, "height": 64},
+         "KSampler": {"steps": 3}, "BasicScheduler": {"steps": 3},
+         "QuickstepOptimizeSchedule": {"steps": 3, "trajectories": 4, "teacher_steps": 10}}
 
 
 def _name(path):
@@ -22,8 +49,84 @@ def _without_meta(api):
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
+def _is_link(value):
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def for_test_models(api, cheap=True):
+    """The workflow on the test bed: model files mapped, text encoders replaced, small sizes and few steps."""
+    api = json.loads(json.dumps(api))
+    for node_id, node in list(api.items()):
+        if node["class_type"] == "CLIPTextEncode":
+            arch, width = CONDITIONING_FOR[api[node["inputs"]["clip"][0]]["class_type"]]
+            api[node_id] = {"class_type": "QuickstepTestConditioning",
+                            "inputs": {"arch": arch, "seed": int(node_id), "context_dim": width}}
+    used = {v[0] for node in api.values() for v in node["inputs"].values() if _is_link(v)}
+    for node_id in [n for n, node in api.items() if node["class_type"] == "TripleCLIPLoader" and n not in used]:
+        del api[node_id]
+    for node in api.values():
+        for name in node["inputs"]:
+            if (node["class_type"], name) in TEST_FILES:
+                node["inputs"][name] = TEST_FILES[node["class_type"], name]
+        for name, value in (CHEAP.get(node["class_type"], {}) if cheap else {}).items():
+            if not _is_link(node["inputs"].get(name)):
+                node["inputs"][name] = value
+    return api
+
+
+def check_against_object_info(api, object_info, user_files_allowed):
+    """Every node type exists, has its required inputs and no unknown ones, and every combo value is allowed; the
+    model files a user picks (user_files_allowed) need only be file names."""
+    for node_id, node in api.items():
+        assert node["class_type"] in object_info, f"node {node_id} type {node['class_type']} unknown"
+        spec = object_info[node["class_type"]]["input"]
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        assert set(spec.get("required", {})) <= set(node["inputs"]), (node_id, set(spec["required"]) - set(node["inputs"]))
+        for name, value in node["inputs"].items():
+            assert name in known, f"node {node_id} ({node['class_type']}) has no input {name}"
+            if _is_link(value):
+                source = api[value[0]]["class_type"]
+                produced = object_info[source]["output"][value[1]]
+                wanted = known[name][0] if not isinstance(known[name][0], list) else "COMBO"
+                assert produced == wanted or "*" in (produced, wanted) or wanted in produced.split(","), \
+                    f"node {node_id}.{name} wants {wanted}, gets {produced} from {source}"
+                continue
+            options = combo_options(known[name])
+            if options is None:
+                continue
+            if user_files_allowed and (node["class_type"], name) in USER_FILE_INPUTS:
+                assert isinstance(value, str) and "." in value, f"node {node_id}.{name}={value!r} is no file name"
+            else:
+                assert value in options, f"node {node_id} {name}={value!r} not among {options}"
+
+
 @pytest.fixture(scope="module")
-def object_info(server):
+def test_files(host_base, inproc):
+    """The input photo for LoadImage and a seeded TAESD3 (the SD3 workflow's decoder) in the test base."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import comfy.taesd.taesd
+    from modelzoo.tiny_host import seeded_init_
+
+    yy, xx = np.mgrid[0:96, 0:96]
+    photo = np.stack([xx * 2.6, yy * 2.6, (xx + yy) * 1.3], axis=-1).astype(np.uint8)
+    Image.fromarray(photo).save(host_base / "input" / TEST_IMAGE)
+    approx = host_base / "models" / "vae_approx"
+    if not (approx / "taesd3_decoder.safetensors").exists():
+        taesd3 = comfy.taesd.taesd.TAESD(latent_channels=16)
+        seeded_init_(taesd3, 3)
+        for part in ("encoder", "decoder"):
+            state = {k: v.detach().contiguous() for k, v in getattr(taesd3, f"taesd_{part}").state_dict().items()}
+            save_file(state, str(approx / f"taesd3_{part}.safetensors.tmp"))
+            (approx / f"taesd3_{part}.safetensors.tmp").rename(approx / f"taesd3_{part}.safetensors")
+    return host_base
+
+
+@pytest.fixture(scope="module")
+def object_info(server, test_files):
     return Client(server.address).object_info()
 
 
@@ -32,32 +135,58 @@ def test_every_workflow_is_indexed_and_has_both_formats():
     for path in API_FILES:
         assert _name(path) in INDEX, path.name
         assert (WORKFLOWS / f"{_name(path)}.ui.json").exists(), f"{_name(path)}.ui.json missing"
+    capabilities = {entry["capability"] for entry in INDEX.values()}
+    assert {"fast samplers", "timestep optimizer", "feature caching", "restoration"} <= capabilities, capabilities
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=_name)
 def test_workflow_matches_live_object_info(path, object_info):
     api = json.loads(path.read_text())
-    for node_id, node in api.items():
-        assert node["class_type"] in object_info, f"{path.name}: node {node_id} type {node['class_type']} unknown"
-        spec = object_info[node["class_type"]]["input"]
-        known = {**spec.get("required", {}), **spec.get("optional", {})}
-        assert set(spec.get("required", {})) <= set(node["inputs"]), (path.name, node_id)
-        for name, value in node["inputs"].items():
-            assert name in known, f"{path.name}: node {node_id} has no input {name}"
-            options = combo_options(known[name])
-            if options is not None and not isinstance(value, list):
-                assert value in options, f"{path.name}: node {node_id} {name}={value!r} not among {options}"
+    check_against_object_info(api, object_info, user_files_allowed=True)
+    check_against_object_info(for_test_models(api, cheap=False), object_info, user_files_allowed=False)
     ui = json.loads((WORKFLOWS / f"{_name(path)}.ui.json").read_text())
-    assert ui == api_to_ui(api, object_info, INDEX[_name(path)]["title"]), \
+    assert ui == make_ui_workflows.ui_workflow(api, object_info, INDEX[_name(path)]), \
         "UI file out of date: run scripts/make_ui_workflows.py"
     assert canonical(ui_to_api(ui, object_info)) == canonical(_without_meta(api))
 
 
+@pytest.mark.parametrize("path", [p for p in API_FILES if INDEX.get(_name(p), {}).get("groups")], ids=_name)
+def test_ui_groups_box_every_node_once(path):
+    """Each node lies inside exactly one titled group box, so the frontend shows which step of the recipe it is."""
+    ui = json.loads((WORKFLOWS / f"{_name(path)}.ui.json").read_text())
+    boxes = ui["groups"]
+    assert all(box["title"] for box in boxes)
+    for a in range(len(boxes)):
+        for b in range(a + 1, len(boxes)):
+            (ax, ay, aw, ah), (bx, by, bw, bh) = boxes[a]["bounding"], boxes[b]["bounding"]
+            assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay, "groups overlap"
+    for node in ui["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        inside = [box["title"] for box in boxes if box["bounding"][0] <= x and x + w <= sum(box["bounding"][::2])
+                  and box["bounding"][1] <= y and y + h <= sum(box["bounding"][1::2])]
+        assert len(inside) == 1, (node["title"], inside)
+
+
+_ran = set()
+
+
+def _run(client, name):
+    result = client.run(for_test_models(json.loads((WORKFLOWS / f"{name}.api.json").read_text())))
+    assert result.status == "success", (name, result.error())
+    _ran.add(name)
+    return result
+
+
 @pytest.mark.parametrize("path", API_FILES, ids=_name)
-def test_api_workflow_runs_end_to_end(path, client):
-    result = client.run(json.loads(path.read_text()))
-    assert result.status == "success", result.error()
-    images = [image for output in result.outputs.values() for image in output.get("images", [])]
-    assert images, "workflow saved no image"
-    png = client.view(images[0]["filename"], images[0].get("subfolder", ""), images[0]["type"])
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+def test_api_workflow_runs_end_to_end(path, client, test_files):
+    required = INDEX.get(_name(path), {}).get("requires")
+    if required and required not in _ran:
+        _run(client, required)
+    result = _run(client, _name(path))
+    api = json.loads(path.read_text())
+    saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]
+    assert saves and set(saves) <= set(result.outputs), f"workflow saved no image from {saves}"
+    for node_id in saves:
+        image = result.outputs[node_id]["images"][0]
+        png = client.view(image["filename"], image.get("subfolder", ""), image["type"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
