@@ -22,18 +22,19 @@ COLUMN_GAP = 40
 ROW_GAP = 30
 GROUP_GAP = 60
 GROUP_PAD = 15
-GROUP_TITLE = 50          # room above a group's nodes for its title bar
+GROUP_TITLE = 40          # a group's title bar
+NODE_TITLE = 30           # a node's title bar, drawn above its position (LiteGraph.NODE_TITLE_HEIGHT)
 TITLE_CHAR_WIDTH = 12     # rough width of one character of a group title at font size 20
 GROUP_COLORS = ["#3f789e", "#8a6d3b", "#3f7e5a", "#7e3f6a", "#5a5a8a", "#8a4a3b"]
 
 
 def _node_height(ui_node):
-    """About the height the frontend draws a node at: title, one row per linked input or output, one per widget
-    (multiline text boxes taller)."""
+    """About the height the frontend draws a node's body at (below its title bar): one row per linked input or
+    output, one per widget, room for a text box or an image preview."""
     slots = max(sum(1 for i in ui_node["inputs"] if "widget" not in i), len(ui_node["outputs"]))
     widgets = len(ui_node["widgets_values"])
-    multiline = 80 if ui_node["type"] == "CLIPTextEncode" else 0
-    return 40 + 22 * slots + 26 * widgets + multiline
+    extra = {"CLIPTextEncode": 80, "SaveImage": 260, "LoadImage": 260}.get(ui_node["type"], 0)   # text box, preview
+    return 20 + 22 * slots + 26 * widgets + extra
 
 
 def _lay_out_groups(ui, api, groups):
@@ -49,16 +50,16 @@ def _lay_out_groups(ui, api, groups):
     for k, group in enumerate(groups):
         columns = sorted({depth[n] for n in group["nodes"]})
         col_x = {d: x + GROUP_PAD + i * (NODE_WIDTH + COLUMN_GAP) for i, d in enumerate(columns)}
-        col_y = {d: 10 + GROUP_TITLE for d in columns}
+        col_y = {d: 10 + GROUP_TITLE + NODE_TITLE for d in columns}
         for node_id in group["nodes"]:
             node = by_id[ui_id[node_id]]
             height = _node_height(node)
             node["pos"] = [col_x[depth[node_id]], col_y[depth[node_id]]]
             node["size"] = [NODE_WIDTH, height]
-            col_y[depth[node_id]] += height + ROW_GAP
+            col_y[depth[node_id]] += height + ROW_GAP + NODE_TITLE
         width = max(len(columns) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP + 2 * GROUP_PAD,
                     len(group["title"]) * TITLE_CHAR_WIDTH + 2 * GROUP_PAD)
-        height = max(col_y.values()) - 10 - ROW_GAP + GROUP_PAD
+        height = max(col_y.values()) - 10 - ROW_GAP - NODE_TITLE + GROUP_PAD
         boxes.append({"title": group["title"], "bounding": [x, 10, width, height],
                       "color": GROUP_COLORS[k % len(GROUP_COLORS)], "font_size": 20, "flags": {}})
         x += width + GROUP_GAP

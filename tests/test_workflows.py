@@ -165,6 +165,7 @@ def test_ui_groups_box_every_node_once(path):
             assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay, "groups overlap"
     for node in ui["nodes"]:
         (x, y), (w, h) = node["pos"], node["size"]
+        y, h = y - make_ui_workflows.NODE_TITLE, h + make_ui_workflows.NODE_TITLE   # the title bar sits above pos
         inside = [box["title"] for box in boxes if box["bounding"][0] <= x and x + w <= sum(box["bounding"][::2])
                   and box["bounding"][1] <= y and y + h <= sum(box["bounding"][1::2])]
         assert len(inside) == 1, (node["title"], inside)
