@@ -21,6 +21,7 @@ NODE_WIDTH = 320
 COLUMN_GAP = 40
 ROW_GAP = 30
 GROUP_GAP = 60
+ROW_WIDTH = 2000          # groups wrap to a new row past this x
 GROUP_PAD = 15
 GROUP_TITLE = 40          # a group's title bar
 NODE_TITLE = 30           # a node's title bar, drawn above its position (LiteGraph.NODE_TITLE_HEIGHT)
@@ -38,7 +39,8 @@ def _node_height(ui_node):
 
 
 def _lay_out_groups(ui, api, groups):
-    """Moves the nodes of `ui` (ids numbered as api_to_ui numbers them) into one box per group."""
+    """Moves the nodes of `ui` (ids numbered as api_to_ui numbers them) into one box per group; boxes run left to
+    right and wrap to a new row past ROW_WIDTH, so the recipe reads like text."""
     ui_id = {node_id: i + 1 for i, node_id in enumerate(api)}
     by_id = {n["id"]: n for n in ui["nodes"]}
     depth = _depths(api)
@@ -46,23 +48,26 @@ def _lay_out_groups(ui, api, groups):
     if sorted(grouped) != sorted(api):
         raise ValueError(f"groups must hold every node exactly once: {sorted(grouped)} vs {sorted(api)}")
     boxes = []
-    x = 10
+    x, y, row_height = 10, 10, 0
     for k, group in enumerate(groups):
         columns = sorted({depth[n] for n in group["nodes"]})
+        width = max(len(columns) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP + 2 * GROUP_PAD,
+                    len(group["title"]) * TITLE_CHAR_WIDTH + 2 * GROUP_PAD)
+        if x > 10 and x + width > ROW_WIDTH:
+            x, y, row_height = 10, y + row_height + GROUP_GAP, 0
         col_x = {d: x + GROUP_PAD + i * (NODE_WIDTH + COLUMN_GAP) for i, d in enumerate(columns)}
-        col_y = {d: 10 + GROUP_TITLE + NODE_TITLE for d in columns}
+        col_y = {d: y + GROUP_TITLE + NODE_TITLE for d in columns}
         for node_id in group["nodes"]:
             node = by_id[ui_id[node_id]]
             height = _node_height(node)
             node["pos"] = [col_x[depth[node_id]], col_y[depth[node_id]]]
             node["size"] = [NODE_WIDTH, height]
             col_y[depth[node_id]] += height + ROW_GAP + NODE_TITLE
-        width = max(len(columns) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP + 2 * GROUP_PAD,
-                    len(group["title"]) * TITLE_CHAR_WIDTH + 2 * GROUP_PAD)
-        height = max(col_y.values()) - 10 - ROW_GAP - NODE_TITLE + GROUP_PAD
-        boxes.append({"title": group["title"], "bounding": [x, 10, width, height],
+        height = max(col_y.values()) - y - ROW_GAP - NODE_TITLE + GROUP_PAD
+        boxes.append({"title": group["title"], "bounding": [x, y, width, height],
                       "color": GROUP_COLORS[k % len(GROUP_COLORS)], "font_size": 20, "flags": {}})
         x += width + GROUP_GAP
+        row_height = max(row_height, height)
     ui["groups"] = boxes
     return ui
 
