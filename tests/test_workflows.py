@@ -1,6 +1,6 @@
 """Shared workflows stay valid against the live /object_info of the real host, their UI and API files describe the
 same graph (the UI file laid out in titled groups), and every API workflow runs end to end through the HTTP server on
-the test models.
+the test models; the pack carries what the Comfy Registry needs.
 
 The workflows name the stock model files a user has (v1-5-pruned-emaonly.safetensors, an SD3 diffusion model, its
 text encoders); only this test maps them to the test bed's files, swaps the text encoders for seeded test
@@ -194,3 +194,22 @@ def test_api_workflow_runs_end_to_end(path, client, test_files):
         image = result.outputs[node_id]["images"][0]
         png = client.view(image["filename"], image.get("subfolder", ""), image["type"])
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_registry_metadata():
+    """What the Comfy Registry reads (pyproject [project] and [tool.comfy]), a licence and a changelog for this
+    version, and runtime requirements that never pin torch (it comes from the user's ComfyUI)."""
+    import re
+    import tomllib
+    meta = tomllib.loads((PACK_DIR / "pyproject.toml").read_text())
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,98}", project["name"]) and "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert (PACK_DIR / project["license"]["file"]).read_text().strip()
+    assert f"## {project['version']}" in (PACK_DIR / "CHANGELOG.md").read_text()
+    requirements = [line.split("#")[0].strip() for line in (PACK_DIR / "requirements.txt").read_text().splitlines()]
+    for requirement in [r for r in requirements if r] + project["dependencies"]:
+        assert re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower() not in {"torch", "torchvision",
+                                                                                 "torchaudio"}, requirement
