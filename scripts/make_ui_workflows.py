@@ -17,7 +17,8 @@ sys.path.insert(0, str(PACK_DIR))
 from batch.workflow_format import _depths, api_to_ui  # noqa: E402
 
 WORKFLOWS = PACK_DIR / "workflows"
-NODE_WIDTH = 320
+NODE_WIDTH = 320          # at least; a long node title widens its column
+NODE_TITLE_CHAR_WIDTH = 8  # rough width of one character of a node title (the frontend widens a node to fit it)
 COLUMN_GAP = 40
 ROW_GAP = 30
 GROUP_GAP = 60
@@ -27,6 +28,10 @@ GROUP_TITLE = 40          # a group's title bar
 NODE_TITLE = 30           # a node's title bar, drawn above its position (LiteGraph.NODE_TITLE_HEIGHT)
 TITLE_CHAR_WIDTH = 12     # rough width of one character of a group title at font size 20
 GROUP_COLORS = ["#3f789e", "#8a6d3b", "#3f7e5a", "#7e3f6a", "#5a5a8a", "#8a4a3b"]
+
+
+def _node_width(ui_node):
+    return max(NODE_WIDTH, len(ui_node["title"]) * NODE_TITLE_CHAR_WIDTH + 60)
 
 
 def _node_height(ui_node):
@@ -51,17 +56,20 @@ def _lay_out_groups(ui, api, groups):
     x, y, row_height = 10, 10, 0
     for k, group in enumerate(groups):
         columns = sorted({depth[n] for n in group["nodes"]})
-        width = max(len(columns) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP + 2 * GROUP_PAD,
+        col_width = {d: max(_node_width(by_id[ui_id[n]]) for n in group["nodes"] if depth[n] == d) for d in columns}
+        width = max(sum(col_width.values()) + COLUMN_GAP * (len(columns) - 1) + 2 * GROUP_PAD,
                     len(group["title"]) * TITLE_CHAR_WIDTH + 2 * GROUP_PAD)
         if x > 10 and x + width > ROW_WIDTH:
             x, y, row_height = 10, y + row_height + GROUP_GAP, 0
-        col_x = {d: x + GROUP_PAD + i * (NODE_WIDTH + COLUMN_GAP) for i, d in enumerate(columns)}
+        col_x, left = {}, x + GROUP_PAD
+        for d in columns:
+            col_x[d], left = left, left + col_width[d] + COLUMN_GAP
         col_y = {d: y + GROUP_TITLE + NODE_TITLE for d in columns}
         for node_id in group["nodes"]:
             node = by_id[ui_id[node_id]]
             height = _node_height(node)
             node["pos"] = [col_x[depth[node_id]], col_y[depth[node_id]]]
-            node["size"] = [NODE_WIDTH, height]
+            node["size"] = [col_width[depth[node_id]], height]
             col_y[depth[node_id]] += height + ROW_GAP + NODE_TITLE
         height = max(col_y.values()) - y - ROW_GAP - NODE_TITLE + GROUP_PAD
         boxes.append({"title": group["title"], "bounding": [x, y, width, height],

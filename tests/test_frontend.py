@@ -53,6 +53,9 @@ def test_ui_workflow_loads_in_the_frontend(name, frontend):
     assert (report["nodeCount"], report["linkCount"]) == (report["expectedNodes"], report["expectedLinks"])
     groups = [g["title"] for g in INDEX[name].get("groups", [])] or [INDEX[name]["title"]]
     assert report["groups"] == groups
+    if INDEX[name].get("groups"):   # laid out by scripts/make_ui_workflows.py: as the frontend draws it
+        assert not report["overlaps"], f"nodes drawn over each other: {report['overlaps']}"
+        assert not report["outside"], f"nodes drawn outside every group: {report['outside']}"
     api = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
     assert _graph(report["prompt"]) == _graph(api), "the frontend queues another graph than the .api.json"
 

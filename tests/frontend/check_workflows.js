@@ -34,8 +34,23 @@ function inspectGraph(expectedNodes, expectedLinks) {
     for (const inp of node.inputs || [])
       if (inp.link != null && !links.some(l => l.id === inp.link))
         broken.push(`${node.type}.${inp.name} points at absent link ${inp.link}`);
+  // as drawn: the frontend sizes a node to fit its title and widgets, whatever size the file gives
+  window.app.canvas.draw(true, true);
+  const rect = n => Array.from(n.getBounding(new Float32Array(4)));
+  const overlaps = [];
+  for (let i = 0; i < nodes.length; i++)
+    for (let j = i + 1; j < nodes.length; j++) {
+      const [a, b] = [rect(nodes[i]), rect(nodes[j])];
+      if (a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3])
+        overlaps.push(`${nodes[i].title} / ${nodes[j].title}`);
+    }
+  const groups = graph._groups || graph.groups || [];
+  const outside = nodes.filter(n => !groups.some(g => {
+    const [r, b] = [rect(n), g._bounding || g.bounding];
+    return r[0] >= b[0] && r[1] >= b[1] && r[0] + r[2] <= b[0] + b[2] && r[1] + r[3] <= b[1] + b[3];
+  })).map(n => n.title);
   return { nodeCount: nodes.length, linkCount: links.length, expectedNodes, expectedLinks, missing, broken,
-           groups: (graph._groups || graph.groups || []).map(g => g.title) };
+           overlaps, outside, groups: groups.map(g => g.title) };
 }
 
 // Any dialog still over the canvas (the templates dialog where the setting did not take): Escape closes it.
