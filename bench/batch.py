@@ -1,4 +1,4 @@
-"""Batch-runner timings: the same 20-job batch (workflows/digits_fast_sampling.api.json as shipped: 20 digits per
+"""Batch-runner timings: the same 20-job batch (workflows/api/digits_fast_sampling.api.json as shipped: 20 digits per
 job, 8 steps, CFG 2.5; seeds x 2 samplers) on one ComfyUI server and spread over two, then an interrupted batch
 (stopped after half its jobs) resumed. Each server is its own process started here on 127.0.0.1 with one torch
 thread (OMP_NUM_THREADS, default 1): two servers on a 2-core machine are the scale-out ComfyUI does, one queue each.
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from batch import check_manifest, run_batch
-from testbed.host import HOST_DIR, PACK_DIR, Server, prepare_base
+from testbed.host import HOST_DIR, PACK_DIR, Server, api_workflow_path, prepare_base
 
 RESULTS = PACK_DIR / "bench" / "results"
-WORKFLOW = PACK_DIR / "workflows" / "digits_fast_sampling.api.json"
+WORKFLOW = api_workflow_path("digits_fast_sampling")
 SAMPLERS = ["qs_unipc_bh2", "euler"]
 
 

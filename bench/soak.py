@@ -12,8 +12,9 @@ import random
 import time
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parent.parent
-DIGITS = json.loads((PACK_DIR / "workflows" / "digits_fast_sampling.api.json").read_text())
+from testbed.host import api_workflow_path
+
+DIGITS = json.loads(api_workflow_path("digits_fast_sampling").read_text())
 
 
 def digits_prompt(seed, steps, batch, sampler, deep_cache=None):

@@ -8,9 +8,9 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 
-from testbed.host import HOST_DIR, Client, Server, load_api_workflow, prepare_base  # noqa: E402
+from testbed.host import HOST_DIR, Client, Server, api_workflow_path, load_api_workflow, prepare_base  # noqa: E402
 
-DEFAULT_WORKFLOW = PACK_DIR / "workflows" / "digits_fast_sampling.api.json"
+DEFAULT_WORKFLOW = api_workflow_path("digits_fast_sampling")
 
 
 def contact_sheet(paths, target, columns=10, scale=4):

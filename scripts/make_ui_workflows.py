@@ -1,5 +1,5 @@
-"""Writes workflows/<name>.ui.json (the frontend's format, laid out and grouped) for every workflows/<name>.api.json,
-from the live /object_info of the real host. Run after changing an API workflow, its entry in workflows/index.json
+"""Writes workflows/<name>.json (the frontend's format, laid out and grouped) for every workflows/api/<name>.api.json,
+from the live /object_info of the real host. Run after changing an API workflow, its entry in workflows/api/index.json
 or a node's inputs; a test fails when the files disagree.
 
 index.json gives each workflow a title and, optionally, titled groups of node ids that explain the graph
@@ -15,8 +15,8 @@ sys.path.insert(0, str(PACK_DIR))
 
 # _depths: the column of each node in api_to_ui's own layout, reused so a group's columns follow the same order
 from batch.workflow_format import _depths, api_to_ui  # noqa: E402
+from testbed.host import WORKFLOW_INDEX, api_workflow_path, ui_workflow_path, workflow_names  # noqa: E402
 
-WORKFLOWS = PACK_DIR / "workflows"
 NODE_WIDTH = 320          # at least; a long node title widens its column
 NODE_TITLE_CHAR_WIDTH = 8  # rough width of one character of a node title (the frontend widens a node to fit it)
 COLUMN_GAP = 40
@@ -89,12 +89,11 @@ def ui_workflow(api, object_info, entry):
 
 
 def write_ui_workflows(object_info):
-    index = json.loads((WORKFLOWS / "index.json").read_text())
+    index = json.loads(WORKFLOW_INDEX.read_text())
     written = []
-    for api_path in sorted(WORKFLOWS.glob("*.api.json")):
-        name = api_path.name[:-len(".api.json")]
-        ui = ui_workflow(json.loads(api_path.read_text()), object_info, index[name])
-        ui_path = WORKFLOWS / f"{name}.ui.json"
+    for name in workflow_names():
+        ui = ui_workflow(json.loads(api_workflow_path(name).read_text()), object_info, index[name])
+        ui_path = ui_workflow_path(name)
         ui_path.write_text(json.dumps(ui, indent=1) + "\n")
         written.append(ui_path)
     return written

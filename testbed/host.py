@@ -23,6 +23,24 @@ HOST_DIR = Path(os.environ.get("QS_HOST_DIR", PACK_DIR / ".host"))
 COMFY_DIR = Path(os.environ.get("QS_COMFYUI_DIR", HOST_DIR / "ComfyUI"))
 HOST_PYTHON = Path(os.environ.get("QS_PYTHON", HOST_DIR / "venv" / "bin" / "python"))
 TESTBED_NODES = PACK_DIR / "testbed" / "node_pack"
+# UI-format workflows sit directly in workflows/ (ComfyUI's Templates browser lists only that folder's *.json);
+# their API-format twins and the index of titles and groups one level down, out of the browser's sight.
+WORKFLOW_DIR = PACK_DIR / "workflows"
+API_WORKFLOW_DIR = WORKFLOW_DIR / "api"
+WORKFLOW_INDEX = API_WORKFLOW_DIR / "index.json"
+
+
+def ui_workflow_path(name):
+    return WORKFLOW_DIR / f"{name}.json"
+
+
+def api_workflow_path(name):
+    return API_WORKFLOW_DIR / f"{name}.api.json"
+
+
+def workflow_names():
+    """The shipped workflows, by the names of their API files."""
+    return sorted(p.name[:-len(".api.json")] for p in API_WORKFLOW_DIR.glob("*.api.json"))
 
 
 def prepare_base(base, with_testbed_nodes=False):

@@ -17,11 +17,10 @@ from PIL import Image
 from batch import BatchInputError, Storage, check_manifest, run_batch
 from batch.jobs import build_jobs, parse_grid, resolve_key
 from bench.batch import start_servers
-from testbed.host import free_port
+from testbed.host import api_workflow_path, free_port, ui_workflow_path
 
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
-API = WORKFLOWS / "digits_fast_sampling.api.json"
-UI = WORKFLOWS / "digits_fast_sampling.ui.json"
+API = api_workflow_path("digits_fast_sampling")
+UI = ui_workflow_path("digits_fast_sampling")
 ONE_DIGIT = ["4.batch_size=1", "Digits to draw.digits=7"]
 
 

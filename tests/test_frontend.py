@@ -1,6 +1,6 @@
 """The real ComfyUI frontend (comfyui_frontend_package, served by the real host) in headless Debian chromium, driven
-by tests/frontend/check_workflows.js: every UI workflow loads through the app's own load path with no missing node
-type and no broken link, and the frontend makes the same API graph of it as the workflow's .api.json; every Quickstep
+by tests/frontend/check_workflows.js: the Templates browser lists exactly the pack's UI workflows, and each, fetched
+as the browser fetches it, loads through the app's own load path with no missing node type and no broken link, and the frontend makes the same API graph of it as the workflow's .api.json; every Quickstep
 node sits in the node library under the Quickstep menu with its display name; a workflow queued from the UI
 finishes. The screenshot lands in test-artifacts/frontend.png.
 
@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed.host import HOST_DIR
+from testbed.host import HOST_DIR, WORKFLOW_INDEX, api_workflow_path
 from testbed.workflow_format import canonical
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-WORKFLOWS = PACK_DIR / "workflows"
-INDEX = json.loads((WORKFLOWS / "index.json").read_text())
+INDEX = json.loads(WORKFLOW_INDEX.read_text())
 SCREENSHOT = PACK_DIR / "test-artifacts" / "frontend.png"
 QUEUED = "digits_fast_sampling"   # needs no model file: the embedded digit model
 
@@ -36,13 +35,18 @@ def frontend(server, tmp_path_factory):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
     result_path = tmp_path_factory.mktemp("frontend") / "result.json"
-    env = dict(os.environ, COMFY_URL=f"http://{server.address}", WORKFLOWS=str(WORKFLOWS), QUEUE=QUEUED,
+    env = dict(os.environ, COMFY_URL=f"http://{server.address}", PACK="quickstep", QUEUE=QUEUED,
                RESULT=str(result_path), SCREENSHOT=str(SCREENSHOT),
                NODE_PATH=str(HOST_DIR / "browser" / "node_modules"))
     run = subprocess.run(["node", str(PACK_DIR / "tests" / "frontend" / "check_workflows.js")], capture_output=True,
                          text=True, env=env, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:] + run.stdout[-2000:]
     return json.loads(result_path.read_text())
+
+
+def test_templates_browser_lists_exactly_the_ui_workflows(frontend):
+    # API files and the index sit in workflows/api/, where the Templates browser does not look
+    assert sorted(frontend["templates"].get("quickstep", [])) == sorted(INDEX)
 
 
 @pytest.mark.parametrize("name", sorted(INDEX))
@@ -56,7 +60,7 @@ def test_ui_workflow_loads_in_the_frontend(name, frontend):
     if INDEX[name].get("groups"):   # laid out by scripts/make_ui_workflows.py: as the frontend draws it
         assert not report["overlaps"], f"nodes drawn over each other: {report['overlaps']}"
         assert not report["outside"], f"nodes drawn outside every group: {report['outside']}"
-    api = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    api = json.loads(api_workflow_path(name).read_text())
     assert _graph(report["prompt"]) == _graph(api), "the frontend queues another graph than the .api.json"
 
 

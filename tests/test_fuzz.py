@@ -8,16 +8,15 @@ internal AttributeError/TypeError/...); the server must stay up, and a fixed val
 bytes before and after the fuzzing."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batch.workflow_format import widget_defaults
-from testbed.host import PromptRejected
+from testbed.host import PromptRejected, api_workflow_path
 
-WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "digits_fast_sampling.api.json"
+WORKFLOW = api_workflow_path("digits_fast_sampling")
 INTERNAL_ERRORS = {"AttributeError", "TypeError", "KeyError", "IndexError", "ZeroDivisionError", "NameError",
                    "UnboundLocalError", "AssertionError"}
 PROVIDERS = {          # link type -> a cheap node producing it (graph id "p_<type>")

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from testbed.host import Client
+from testbed.host import WORKFLOW_DIR, WORKFLOW_INDEX, Client, api_workflow_path, ui_workflow_path, workflow_names
 from testbed.make_model_files import CHECKPOINT, MMDIT_FILE
 from testbed.workflow_format import canonical, combo_options, ui_to_api
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-WORKFLOWS = PACK_DIR / "workflows"
-INDEX = json.loads((WORKFLOWS / "index.json").read_text())
+INDEX = json.loads(WORKFLOW_INDEX.read_text())
 # index order: a workflow that needs another's result (a saved schedule) comes after it
-API_FILES = sorted(WORKFLOWS.glob("*.api.json"), key=lambda p: list(INDEX).index(p.name[:-len(".api.json")])
-                   if p.name[:-len(".api.json")] in INDEX else len(INDEX))
+NAMES = sorted(workflow_names(), key=lambda name: list(INDEX).index(name) if name in INDEX else len(INDEX))
 TEST_IMAGE = "quickstep_workflow_test.png"
 
 _spec = importlib.util.spec_from_file_location("make_ui_workflows", PACK_DIR / "scripts" / "make_ui_workflows.py")
@@ -44,8 +42,12 @@ CHEAP = {"EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
          "QuickstepBlockCache": {"back_blocks": 0}}
 
 
-def _name(path):
-    return path.name[:-len(".api.json")]
+def _api(name):
+    return json.loads(api_workflow_path(name).read_text())
+
+
+def _ui(name):
+    return json.loads(ui_workflow_path(name).read_text())
 
 
 def _without_meta(api):
@@ -134,29 +136,31 @@ def object_info(server, test_files):
 
 
 def test_every_workflow_is_indexed_and_has_both_formats():
-    assert API_FILES
-    for path in API_FILES:
-        assert _name(path) in INDEX, path.name
-        assert (WORKFLOWS / f"{_name(path)}.ui.json").exists(), f"{_name(path)}.ui.json missing"
+    assert NAMES
+    for name in NAMES:
+        assert name in INDEX, name
+        assert ui_workflow_path(name).exists(), f"{ui_workflow_path(name).name} missing"
+    # the UI folder holds only UI workflows: ComfyUI's Templates browser offers every *.json in it
+    assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")) == sorted(NAMES)
     capabilities = {entry["capability"] for entry in INDEX.values()}
     assert {"fast samplers", "timestep optimizer", "feature caching", "restoration"} <= capabilities, capabilities
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=_name)
-def test_workflow_matches_live_object_info(path, object_info):
-    api = json.loads(path.read_text())
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_matches_live_object_info(name, object_info):
+    api = _api(name)
     check_against_object_info(api, object_info, user_files_allowed=True)
     check_against_object_info(for_test_models(api, cheap=False), object_info, user_files_allowed=False)
-    ui = json.loads((WORKFLOWS / f"{_name(path)}.ui.json").read_text())
-    assert ui == make_ui_workflows.ui_workflow(api, object_info, INDEX[_name(path)]), \
+    ui = _ui(name)
+    assert ui == make_ui_workflows.ui_workflow(api, object_info, INDEX[name]), \
         "UI file out of date: run scripts/make_ui_workflows.py"
     assert canonical(ui_to_api(ui, object_info)) == canonical(_without_meta(api))
 
 
-@pytest.mark.parametrize("path", [p for p in API_FILES if INDEX.get(_name(p), {}).get("groups")], ids=_name)
-def test_ui_groups_box_every_node_once(path):
+@pytest.mark.parametrize("name", [name for name in NAMES if INDEX.get(name, {}).get("groups")])
+def test_ui_groups_box_every_node_once(name):
     """Each node lies inside exactly one titled group box, so the frontend shows which step of the recipe it is."""
-    ui = json.loads((WORKFLOWS / f"{_name(path)}.ui.json").read_text())
+    ui = _ui(name)
     boxes = ui["groups"]
     assert all(box["title"] for box in boxes)
     for a in range(len(boxes)):
@@ -175,19 +179,19 @@ _ran = set()
 
 
 def _run(client, name):
-    result = client.run(for_test_models(json.loads((WORKFLOWS / f"{name}.api.json").read_text())))
+    result = client.run(for_test_models(_api(name)))
     assert result.status == "success", (name, (result.error() or {}).get("exception_message"))
     _ran.add(name)
     return result
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=_name)
-def test_api_workflow_runs_end_to_end(path, client, test_files):
-    required = INDEX.get(_name(path), {}).get("requires")
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_end_to_end(name, client, test_files):
+    required = INDEX.get(name, {}).get("requires")
     if required and required not in _ran:
         _run(client, required)
-    result = _run(client, _name(path))
-    api = json.loads(path.read_text())
+    result = _run(client, name)
+    api = _api(name)
     saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]
     assert saves and set(saves) <= set(result.outputs), f"workflow saved no image from {saves}"
     for node_id in saves:

@@ -1,9 +1,10 @@
 // Drives the real ComfyUI web UI in headless Debian chromium (npm playwright-core, never a downloaded browser):
-// loads every UI workflow through the app's own load path (app.loadGraphData), reports node types the frontend
+// lists the pack's workflows as the Templates browser does (GET /api/workflow_templates), fetches each from the
+// route that serves them and loads it through the app's own load path (app.loadGraphData), reports node types the frontend
 // does not know, links that do not join the slots they name, and the API graph the frontend itself makes of each
 // (app.graphToPrompt); reads the node library's entries for the Quickstep nodes; queues one workflow from the UI,
 // waits for it in /history and saves a screenshot. tests/test_frontend.py asserts on what this writes.
-// env: COMFY_URL, WORKFLOWS (folder of *.ui.json), QUEUE (name of the workflow to queue), RESULT (JSON out),
+// env: COMFY_URL, PACK (the pack's custom_nodes folder name), QUEUE (name of the workflow to queue), RESULT (JSON out),
 //      SCREENSHOT (PNG out), NODE_PATH (holds playwright-core)
 const { chromium } = require('playwright-core');
 const fs = require('fs');
@@ -11,7 +12,7 @@ const os = require('os');
 const path = require('path');
 
 const URL = process.env.COMFY_URL;
-const WORKFLOWS = process.env.WORKFLOWS;
+const PACK = process.env.PACK;
 
 // What the loaded graph looks like: unknown node types, and every link checked at both of its ends.
 function inspectGraph(expectedNodes, expectedLinks) {
@@ -97,10 +98,11 @@ function fitGroups() {
         .map(([name, cls]) => [name, { title: cls.title, category: cls.category,
                                        description: cls.nodeData && cls.nodeData.description }])));
 
-    const files = fs.readdirSync(WORKFLOWS).filter(f => f.endsWith('.ui.json')).sort();
-    for (const file of files) {
-      const name = file.slice(0, -'.ui.json'.length);
-      const ui = JSON.parse(fs.readFileSync(path.join(WORKFLOWS, file), 'utf8'));
+    const template = async name =>
+      (await page.request.get(`${URL}/api/workflow_templates/${PACK}/${encodeURIComponent(name)}.json`)).json();
+    result.templates = await (await page.request.get(`${URL}/api/workflow_templates`)).json();
+    for (const name of [...(result.templates[PACK] || [])].sort()) {
+      const ui = await template(name);
       result.workflows[name] = await page.evaluate(async ([ui, name, inspect]) => {
         const inspectGraph = eval(`(${inspect})`);
         await window.app.loadGraphData(ui, true, true, name, { showMissingNodesDialog: false,
@@ -113,7 +115,7 @@ function fitGroups() {
 
     // queue one workflow from the UI, as a user would, and wait for its history entry
     const queued = process.env.QUEUE;
-    const ui = JSON.parse(fs.readFileSync(path.join(WORKFLOWS, `${queued}.ui.json`), 'utf8'));
+    const ui = await template(queued);
     await page.evaluate(async ([ui, name]) => {
       await window.app.loadGraphData(ui, true, true, name, { showMissingNodesDialog: false });
     }, [ui, queued]);
