@@ -47,8 +47,9 @@ def seeded_init_(module, seed):
                 p.fill_(1.0)
 
 
-def build_tiny(arch="sd15", seed=0):
-    """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES)."""
+def build_tiny(arch="sd15", seed=0, **overrides):
+    """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES); `overrides`
+    replace entries of its config (e.g. depth=1 for fewer blocks)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -58,7 +59,7 @@ def build_tiny(arch="sd15", seed=0):
     config_class, unet_config = {"sd15": (comfy.supported_models.SD15, _SD15_UNET),
                                  "mmdit": (comfy.supported_models.SD3, _MMDIT),
                                  "flux": (comfy.supported_models.Flux, _FLUX)}[arch]
-    config = config_class(dict(unet_config))
+    config = config_class(dict(unet_config, **overrides))
     config.set_inference_dtype(torch.float32, None)
     offload_device = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=offload_device)

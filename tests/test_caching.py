@@ -1,6 +1,7 @@
 """Feature caches (issue 11): the forecasters and schedules in plain torch, and the DeepCache / Block Cache nodes run
 through the real host on its own UNet, MMDiT and Flux classes (tiny seeded models, 16x16 latents)."""
 import functools
+import gc
 import math
 import sys
 
@@ -200,7 +201,8 @@ class InterruptAfterBlocks:
 @pytest.mark.parametrize("arch", ["mmdit", "flux"])
 def test_block_cache_interrupted_run_then_a_clean_run_equals_a_fresh_one(inproc, arch):
     """The executor keeps the cache node's patched model between prompts: an interrupt in the middle of a cached
-    run (after cached steps) leaves nothing in it, and the next run equals the first one. history 4 is used by no
+    run (after cached steps) frees the run's cached tensors and leaves nothing in the model, and the next run equals
+    the first one. history 4 is used by no
     other test, so the first run starts from a freshly patched model. (DeepCache: tests/test_interrupts.py.)"""
     cache = (SKIPPING[arch][0], {**SKIPPING[arch][1], "history": 4})
     first = inproc.run(cache_graph(arch, cache, steps=8))
@@ -217,6 +219,9 @@ def test_block_cache_interrupted_run_then_a_clean_run_equals_a_fresh_one(inproc,
     assert result.status == "interrupted", result.status
     calls, skipped = last_run(arch)                    # the run's state was finished and freed on the interrupt
     assert 5 <= calls < 8 and skipped > 0, (calls, skipped)
+    gc.collect()
+    holding = [o for o in gc.get_objects() if issubclass(type(o), cache_module().qc.RunState) and o.groups]
+    assert not holding, [o.name for o in holding]      # no run state still holds cached tensors
     assert isinstance(patched.model_options["transformer_options"][cache_module().KEY], cache_module().CacheConfig)
     again = run_latent(inproc, cache_graph(arch, cache, steps=8))
     assert torch.equal(fresh, again)
@@ -535,23 +540,16 @@ def test_cfg_negative_in_its_own_model_call_keeps_its_own_cache(host_setup):
 def test_cache_under_torch_compile_of_the_diffusion_model(inproc):
     """The host's torch.compile wrapper (what TorchCompileModel sets, here with the CPU-cheap "eager" backend) over
     the cached model: the same numbers as the uncompiled cached model, and dynamo really traced graphs (the Block
-    Cache's block patches run inside the compiled forward). The UNet is the tiny SD1.5 one without attention
-    layers (host classes), which halves the tracing time."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
+    Cache's block patches run inside the compiled forward). Smaller host models cut the tracing time: the tiny UNet
+    without attention layers, the tiny Flux with 1 double and 2 single blocks (F1B1 caches the first single one)."""
     import torch._dynamo
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from modelzoo import tiny_host
     from torch._dynamo.utils import counters
-    config = comfy.supported_models.SD15(dict(tiny_host._SD15_UNET, transformer_depth=[0, 0],
-                                              transformer_depth_output=[0, 0, 0, 0], transformer_depth_middle=0))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=comfy.model_management.unet_offload_device())
-    tiny_host.seeded_init_(model.diffusion_model, 0)
-    unet = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
-    for arch, base in (("sd15", unet), ("flux", tiny_host.build_tiny("flux", 0))):
+    for arch, overrides in (("sd15", {"transformer_depth": [0, 0], "transformer_depth_output": [0, 0, 0, 0],
+                                      "transformer_depth_middle": 0}),
+                            ("flux", {"depth": 1})):
+        base = tiny_host.build_tiny(arch, 0, **overrides)
         pos, neg = tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1)
         cached = apply_cache(base, PATCH_SKIPPING[arch])
         reference = sample_host(arch, cached, pos, neg, steps=3)         # steps 0, 2 full, step 1 cached
