@@ -15,13 +15,15 @@ Calibrated policies are calibrated with the Calibrate Cache code path on another
 Models: "digits" and "digits-flow", the pack's trained SD1.5-architecture UNets (MNIST, pixel space,
 modelzoo/mnist_unet.py; eps with the karras schedule, rectified flow with the simple one; digits 3 and 7 against the
 null digit, CFG 2.5); tiny seeded random-weight host models "sd15" (UNet),
-"mmdit4" (4 joint blocks) and "flux12" (4 double + 8 single blocks), CFG 3.
+"mmdit4" (4 joint blocks), "flux12" (4 double + 8 single blocks) and "flux12-smooth" (the same Flux whose time
+embedding reads only the sinusoids that turn at most half a cycle over the schedule, so its output varies smoothly
+with sigma as a trained model's does; not trained), CFG 3.
 
 Per model: a speed-vs-PSNR curve per cache (its main knob swept), the largest compute ratio each cache reaches at
 >= 30 dB, how many EasyCache/LazyCache points a Quickstep point dominates (no less compute ratio and PSNR), and the
 forecasters compared at equal compute (the same compute steps: uniform DeepCache interval, calibrated Block Cache).
 
-usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12] [--quick]
+usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12 flux12-smooth] [--quick]
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
@@ -58,35 +60,24 @@ def build_setup(name, batch=2):
         return Setup(name, patcher, "sd15", mnist_unet.digit_conditioning([3, 7]),
                      mnist_unet.unconditional_conditioning(batch), mnist_unet.empty_latent(batch),
                      "simple" if flow else "karras", 2.5)
-    if name in tiny_host.ARCHITECTURES:
-        patcher, arch = finite_buffers(tiny_host.build_tiny(name, 0)), name
-    else:
-        patcher, arch = build_deeper_dit(name)
+    arch, overrides, smooth = DEEPER_DITS.get(name, (name, {}, False))
+    patcher = finite_buffers(tiny_host.build_tiny(arch, 0, **overrides))
+    if smooth:
+        tiny_host.smooth_time_embedding_(patcher.model.diffusion_model)
     channels = 4 if arch == "sd15" else 16
     return Setup(name, patcher, arch, tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1),
                  torch.zeros(batch, channels, 16, 16), "normal" if arch == "sd15" else "simple", 3.0)
 
 
-def build_deeper_dit(name):
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    from modelzoo import tiny_host
-    if name == "mmdit4":         # MMDiT's width is 64 * depth: the context embedder must follow
-        ctx = {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}
-        arch, cls_, cfg = "mmdit", comfy.supported_models.SD3, dict(tiny_host._MMDIT, depth=4,
-                                                                      context_embedder_config=ctx)
-    elif name == "flux12":
-        arch, cls_, cfg = "flux", comfy.supported_models.Flux, dict(tiny_host._FLUX, depth=4, depth_single_blocks=8)
-    else:
-        raise ValueError(f"unknown model {name!r}")
-    config = cls_(dict(cfg))
-    config.set_inference_dtype(torch.float32, None)
-    dev = comfy.model_management.unet_offload_device()
-    model = config.get_model({}, device=dev)
-    tiny_host.seeded_init_(model.diffusion_model, 0)
-    return finite_buffers(comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(), offload_device=dev)), arch
+# name -> (architecture, config overrides of its tiny model, smooth time dependence). MMDiT's width is 64 * depth:
+# the context embedder must follow. Smooth: the time embedding reads only slow sinusoids
+# (tiny_host.smooth_time_embedding_), so the output varies smoothly with sigma as a trained model's does.
+DEEPER_DITS = {
+    "mmdit4": ("mmdit", {"depth": 4, "context_embedder_config": {
+        "target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}}, False),
+    "flux12": ("flux", {"depth": 4, "depth_single_blocks": 8}, False),
+    "flux12-smooth": ("flux", {"depth": 4, "depth_single_blocks": 8}, True),
+}
 
 
 def finite_buffers(patcher):
@@ -321,7 +312,8 @@ def markdown(name, rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--models", nargs="+", default=["digits", "digits-flow", "sd15", "mmdit4", "flux12"])
+    parser.add_argument("--models", nargs="+", default=["digits", "digits-flow", "sd15", "mmdit4", "flux12",
+                                                          "flux12-smooth"])
     parser.add_argument("--quick", action="store_true", help="defaults only, no sweep")
     parser.add_argument("--out", default=str(RESULTS / "caching.json"))
     parser.add_argument("--sd15-partial-cost", action="store_true",

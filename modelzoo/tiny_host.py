@@ -2,6 +2,8 @@
 seeded random weights, plus matching conditioning. They exercise the host's real block structure, model sampling
 and patch points at test-friendly sizes. Imports comfy: use inside a running host only.
 """
+import math
+
 import torch
 
 ARCHITECTURES = ("sd15", "mmdit", "flux")
@@ -47,8 +49,24 @@ def seeded_init_(module, seed):
                 p.fill_(1.0)
 
 
-def build_tiny(arch="sd15", seed=0):
-    """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES)."""
+def smooth_time_embedding_(flux, cycles=0.5):
+    """Make a seeded Flux's output vary smoothly with sigma, as a trained one's does: its time embedding reads only
+    the sinusoids of the host's timestep embedding (256 wide, time factor 1000) that turn at most `cycles` times
+    while sigma goes from 1 to 0. Seeded weights read every frequency, the fastest of which turns about 160 times, so
+    the output of a random model jumps between neighbouring steps. The kept columns are rescaled to keep the
+    embedding's variance."""
+    layer = flux.time_in.in_layer
+    half = layer.weight.shape[1] // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    keep = (1000 * freqs / (2 * math.pi) <= cycles).repeat(2)
+    with torch.no_grad():
+        layer.weight[:, ~keep] = 0
+        layer.weight.mul_(math.sqrt(keep.numel() / int(keep.sum())))
+
+
+def build_tiny(arch="sd15", seed=0, **overrides):
+    """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES); `overrides`
+    replace entries of its config (e.g. depth=1 for fewer blocks)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -58,7 +76,7 @@ def build_tiny(arch="sd15", seed=0):
     config_class, unet_config = {"sd15": (comfy.supported_models.SD15, _SD15_UNET),
                                  "mmdit": (comfy.supported_models.SD3, _MMDIT),
                                  "flux": (comfy.supported_models.Flux, _FLUX)}[arch]
-    config = config_class(dict(unet_config))
+    config = config_class(dict(unet_config, **overrides))
     config.set_inference_dtype(torch.float32, None)
     offload_device = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=offload_device)

@@ -1,5 +1,7 @@
 """Feature caches (issue 11): the forecasters and schedules in plain torch, and the DeepCache / Block Cache nodes run
 through the real host on its own UNet, MMDiT and Flux classes (tiny seeded models, 16x16 latents)."""
+import functools
+import gc
 import math
 import sys
 
@@ -177,6 +179,54 @@ def test_back_to_back_batch_and_resolution_changes_leave_nothing_stale(inproc):
         assert torch.equal(first, again), arch
 
 
+class InterruptAfterBlocks:
+    """Asks the host to interrupt (what POST /interrupt does) once the diffusion model has run `blocks` blocks; the
+    host raises at its next progress update, between sampling steps."""
+
+    def __init__(self, blocks):
+        import comfy.model_management
+        self.left, self.interrupt = blocks, comfy.model_management.interrupt_current_processing
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+
+    def _hook(self, module, *a):
+        if type(module).__name__ in COUNTED:
+            self.left -= 1
+            if self.left == 0:
+                self.interrupt(True)
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["mmdit", "flux"])
+def test_block_cache_interrupted_run_then_a_clean_run_equals_a_fresh_one(inproc, arch):
+    """The executor keeps the cache node's patched model between prompts: an interrupt in the middle of a cached
+    run (after cached steps) frees the run's cached tensors and leaves nothing in the model, and the next run equals
+    the first one. history 4 is used by no
+    other test, so the first run starts from a freshly patched model. (DeepCache: tests/test_interrupts.py.)"""
+    cache = (SKIPPING[arch][0], {**SKIPPING[arch][1], "history": 4})
+    first = inproc.run(cache_graph(arch, cache, steps=8))
+    fresh = inproc.output(first, "out")["samples"].clone()
+    calls, skipped = last_run(arch)
+    assert calls == 8 and skipped > 0, (calls, skipped)
+    patched = inproc.output(first, "cache")
+    blocks = len(cache_module()._dit_layout(patched.model.diffusion_model))
+    stop = InterruptAfterBlocks(5 * blocks)            # well inside step 5 of 8, whatever step 5 skipped
+    try:
+        result = inproc.run(cache_graph(arch, cache, steps=8, seed=9), check=False)
+    finally:
+        stop.close()
+    assert result.status == "interrupted", result.status
+    calls, skipped = last_run(arch)                    # the run's state was finished and freed on the interrupt
+    assert 5 <= calls < 8 and skipped > 0, (calls, skipped)
+    gc.collect()
+    holding = [o for o in gc.get_objects() if issubclass(type(o), cache_module().qc.RunState) and o.groups]
+    assert not holding, [o.name for o in holding]      # no run state still holds cached tensors
+    assert isinstance(patched.model_options["transformer_options"][cache_module().KEY], cache_module().CacheConfig)
+    again = run_latent(inproc, cache_graph(arch, cache, steps=8))
+    assert torch.equal(fresh, again)
+
+
 def test_cfg_batch_of_two_never_skipping_is_exact_and_skipping_keeps_samples_apart(inproc):
     plain = run_latent(inproc, cache_graph("flux", steps=10, batch=2))
     never = run_latent(inproc, cache_graph("flux", NEVER["flux"], steps=10, batch=2))
@@ -332,130 +382,188 @@ def test_calibration_mismatches_and_incompatible_settings_are_errors(inproc):
     assert "carries no Quickstep cache" in msg
 
 
-# ------------------------------------------- host patch mechanisms: LoRA, ControlNet, torch.compile (tiny SD1.5 UNet)
+# ------------------------------- host patch mechanisms: LoRA, ControlNet, torch.compile (tiny SD1.5 UNet and Flux)
 
 DEEPCACHE_SKIPPING = {**SKIPPING["sd15"][1], "interval": 2, "start_percent": 0.0}
+# Every other step after the first may be cached: on 6 direct steps both caches skip about half the calls.
+PATCH_SKIPPING = {"sd15": ("QuickstepDeepCache", DEEPCACHE_SKIPPING),
+                  "flux": ("QuickstepBlockCache", {**SKIPPING["flux"][1], "warmup_steps": 1, "max_consecutive": 1})}
 
 
-def sample_sd15(patcher, positive, negative, steps=6):
-    """The host's own sampling path (SamplerCustom's), batch 1, CFG 3, euler, seeded noise."""
+def sample_host(arch, patcher, positive, negative, steps=6):
+    """The host's own sampling path (SamplerCustom's), batch 1, CFG 3, euler, seeded noise, 16x16 latent."""
     import comfy.sample
     import comfy.samplers
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", steps).cpu()
+    channels = patcher.model.latent_format.latent_channels
+    noise = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), SCHEDULER[arch], steps).cpu()
     return comfy.sample.sample_custom(patcher, noise, 3.0, comfy.samplers.sampler_object("euler"), sigmas, positive,
                                       negative, torch.zeros_like(noise), disable_pbar=True, seed=0)
 
 
-def deepcache(patcher, inputs):
+def apply_cache(patcher, cache):
     import nodes
-    return nodes.NODE_CLASS_MAPPINGS["QuickstepDeepCache"].execute(model=patcher, **inputs)[0]
+    class_type, inputs = cache
+    return nodes.NODE_CLASS_MAPPINGS[class_type].execute(model=patcher, **inputs)[0]
 
 
-def check_cache_keeps_patch(base_plain, patched_plain, never, skipping):
-    """A patch the cache must honour: never-skipping equals the patched model exactly, and the skipping cache
-    stays nearer the patched model than the unpatched one (the patch is not bypassed)."""
+def cache_module():
+    import nodes
+    return sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepBlockCache"].__module__]
+
+
+def last_run(arch):
+    """(model calls, calls that skipped part of the network) of the cache's last finished run."""
+    if arch == "sd15":
+        s = cache_module().LAST_SUMMARY["DeepCache"]
+        return s["calls"], s["partial"]
+    s = cache_module().LAST_SUMMARY["BlockCache"]
+    return s["calls"], s["calls"] - s["computed"]
+
+
+def check_cache_keeps_patch(arch, base_plain, patched, positive, negative):
+    """A patch the cache must honour (on the model or in the conditioning): never-skipping equals the patched model
+    exactly, and the skipping cache, which did skip, stays nearer the patched model than the unpatched one (the
+    patch is not bypassed on the skipped part)."""
+    patched_plain = sample_host(arch, patched, positive, negative)
     assert psnr(patched_plain, base_plain) < 25.0                      # the patch changes the result
+    never = sample_host(arch, apply_cache(patched, NEVER[arch]), positive, negative)
     assert (never - patched_plain).abs().max().item() <= 1e-6
+    skipping = sample_host(arch, apply_cache(patched, PATCH_SKIPPING[arch]), positive, negative)
+    assert last_run(arch)[1] > 0, last_run(arch)
     assert psnr(skipping, patched_plain) > max(20.0, psnr(skipping, base_plain) + 3.0), (
         psnr(skipping, patched_plain), psnr(skipping, base_plain))
 
 
-@pytest.fixture(scope="module")
-def sd15_setup(inproc):
+@functools.cache
+def tiny_setup(arch):
+    """(arch, base model, positive, different negative, uncached output) for a tiny host model; the host must be
+    running (the inproc fixture)."""
     from modelzoo import tiny_host
-    base = tiny_host.build_tiny("sd15", 0)
-    pos, neg = tiny_host.tiny_conditioning("sd15", 0), tiny_host.tiny_conditioning("sd15", 1)
-    return base, pos, neg, sample_sd15(base, pos, neg)
+    base = tiny_host.build_tiny(arch, 0)
+    pos, neg = tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1)
+    return arch, base, pos, neg, sample_host(arch, base, pos, neg)
 
 
-def test_deepcache_calibrated_on_another_step_count(sd15_setup):
+@pytest.fixture(params=["sd15", "flux"])
+def host_setup(inproc, request):
+    return tiny_setup(request.param)
+
+
+def test_deepcache_calibrated_on_another_step_count(inproc):
     """Calibrated on 9 steps with other noise, used on 6: the curve is interpolated in sigma, partial steps happen
     and the result stays near the uncached one."""
     import comfy.samplers
-    import nodes
-    base, pos, neg, base_plain = sd15_setup
-    module = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepDeepCache"].__module__]
+    _, base, pos, neg, base_plain = tiny_setup("sd15")
+    module = cache_module()
     sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", 9).cpu()
-    record = module.calibrate(deepcache(base, NEVER["sd15"][1]), pos, neg, 3.0, comfy.samplers.sampler_object("euler"),
+    record = module.calibrate(apply_cache(base, NEVER["sd15"]), pos, neg, 3.0, comfy.samplers.sampler_object("euler"),
                               sigmas, {"samples": torch.zeros(1, 4, 16, 16)}, 1, "qs_test_sd15")
     assert record["cache"] == "DeepCache" and record["structure"] == {"branch": 0} and len(record["gammas"]) == 9
-    cached = sample_sd15(deepcache(base, CALIBRATED["sd15"][1] | {"calibration": "qs_test_sd15"}), pos, neg)
+    cached = sample_host("sd15", apply_cache(base, ("QuickstepDeepCache", CALIBRATED["sd15"][1]
+                                                    | {"calibration": "qs_test_sd15"})), pos, neg)
     summary = module.LAST_SUMMARY["DeepCache"]
     assert summary["partial"] > 0 and "calibrated by 'qs_test_sd15'" in summary["line"]
     assert psnr(cached, base_plain) > 20.0
 
 
-def test_deepcache_on_a_lora_patched_model(sd15_setup):
-    """LoRA through the host's loader path (comfy.sd.load_lora_for_models, what LoraLoader runs on a file): rank-1
-    patches on a layer the partial steps run (last output block) and one they skip (middle block)."""
+# Rank-1 LoRA pairs (key -> (out, in features)) on a layer the skipping cache always runs and one it skips: the
+# UNet's last output block and middle block; the Flux's front (double 0), middle (double 1, single 0) and back
+# (single 1) blocks.
+LORA_LAYERS = {
+    "sd15": {"output_blocks.3.1.proj_out": (32, 32), "middle_block.1.proj_out": (64, 64)},
+    "flux": {"double_blocks.0.img_attn.proj": (64, 64), "double_blocks.1.img_attn.proj": (64, 64),
+             "single_blocks.0.linear2": (64, 320), "single_blocks.1.linear2": (64, 320)},
+}
+
+
+def test_cache_on_a_lora_patched_model(host_setup):
+    """LoRA through the host's loader path (comfy.sd.load_lora_for_models, what LoraLoader runs on a file: comfy.lora
+    key mapping, then ModelPatcher.add_patches)."""
     import comfy.sd
-    base, pos, neg, base_plain = sd15_setup
+    arch, base, pos, neg, base_plain = host_setup
     g = torch.Generator().manual_seed(5)
     lora = {}
-    for key, (out_f, in_f) in {"diffusion_model.output_blocks.3.1.proj_out": (32, 32),
-                               "diffusion_model.middle_block.1.proj_out": (64, 64)}.items():
-        lora[f"{key}.lora_up.weight"] = torch.randn(out_f, 1, generator=g)
-        lora[f"{key}.lora_down.weight"] = torch.randn(1, in_f, generator=g) / in_f ** 0.5
+    for key, (out_f, in_f) in LORA_LAYERS[arch].items():
+        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_f, 1, generator=g)
+        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(1, in_f, generator=g) / in_f ** 0.5
     patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
-    assert len(patched.patches) == 2
-    check_cache_keeps_patch(base_plain, sample_sd15(patched, pos, neg),
-                            sample_sd15(deepcache(patched, NEVER["sd15"][1]), pos, neg),
-                            sample_sd15(deepcache(patched, DEEPCACHE_SKIPPING), pos, neg))
+    assert len(patched.patches) == len(LORA_LAYERS[arch])
+    check_cache_keeps_patch(arch, base_plain, patched, pos, neg)
 
 
-def test_deepcache_with_a_controlnet(sd15_setup):
-    """A ControlNet built from the host's classes (comfy.cldm ControlNet in comfy.controlnet.ControlNet, shaped like
-    the tiny UNet) applied by the stock ControlNetApplyAdvanced node."""
+def tiny_controlnet(arch):
+    """A ControlNet built from the host's classes in the shape of the tiny model, as the host's loaders wrap one:
+    the UNet's comfy.cldm ControlNet, Flux's XLabs-style ControlNetFlux (load_controlnet_flux_xlabs_mistoline)."""
     import comfy.cldm.cldm
     import comfy.controlnet
+    import comfy.ldm.flux.controlnet
     import comfy.model_management
     import comfy.ops
-    import nodes
     from modelzoo import tiny_host
-    base, pos, neg, base_plain = sd15_setup
-    config = {k: v for k, v in tiny_host._SD15_UNET.items() if k != "out_channels"}
-    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
-                                               dtype=torch.float32, device="cpu", **config)
-    tiny_host.seeded_init_(control_model, 3)
-    control = comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
+    common = {"operations": comfy.ops.disable_weight_init, "dtype": torch.float32, "device": "cpu"}
+    if arch == "sd15":
+        config = {k: v for k, v in tiny_host._SD15_UNET.items() if k != "out_channels"}
+        model, extra_conds = comfy.cldm.cldm.ControlNet(hint_channels=3, **common, **config), ["y"]
+    else:
+        config = {k: v for k, v in tiny_host._FLUX.items() if k != "image_model"}
+        model, extra_conds = comfy.ldm.flux.controlnet.ControlNetFlux(**common, **config), ["y", "guidance"]
+    tiny_host.seeded_init_(model, 3)
+    return comfy.controlnet.ControlNet(model, load_device=comfy.model_management.get_torch_device(),
+                                       extra_conds=extra_conds)
+
+
+def test_cache_with_a_controlnet(host_setup):
+    """The ControlNet applied by the stock ControlNetApplyAdvanced node. On the Flux, its residuals are added after
+    each block, skipped middle blocks included."""
+    import nodes
+    arch, base, pos, neg, base_plain = host_setup
     hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(2))
-    cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 0.5, 0.0, 1.0)
-    check_cache_keeps_patch(base_plain, sample_sd15(base, cpos, cneg),
-                            sample_sd15(deepcache(base, NEVER["sd15"][1]), cpos, cneg),
-                            sample_sd15(deepcache(base, DEEPCACHE_SKIPPING), cpos, cneg))
+    cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, tiny_controlnet(arch), hint, 0.5, 0.0, 1.0)
+    check_cache_keeps_patch(arch, base_plain, base, cpos, cneg)
 
 
-def test_deepcache_under_torch_compile_of_the_diffusion_model(inproc):
+def test_cfg_negative_in_its_own_model_call_keeps_its_own_cache(host_setup):
+    """A negative of 48 tokens against an 8-token positive cannot be batched with it (the host concatenates
+    context lengths up to 4x apart only): positive and negative run as separate model calls, each with its own
+    history. Two histories of one step each, the skipping cache near the uncached CFG result."""
+    from modelzoo import tiny_host
+    arch, base, pos, _, _ = host_setup
+    neg = tiny_host.tiny_conditioning(arch, 1, tokens=48)
+    plain = sample_host(arch, base, pos, neg)
+    cached = sample_host(arch, apply_cache(base, PATCH_SKIPPING[arch]), pos, neg)
+    calls, skipped = last_run(arch)
+    assert calls == 2 * 6 and skipped > 0, (calls, skipped)
+    assert psnr(cached, plain) > 25.0, psnr(cached, plain)
+
+
+def test_cache_under_torch_compile_of_the_diffusion_model(inproc):
     """The host's torch.compile wrapper (what TorchCompileModel sets, here with the CPU-cheap "eager" backend) over
-    the cached model: the same numbers as the uncompiled cached model, and dynamo really traced graphs. The UNet is
-    the tiny SD1.5 one without attention layers (host classes), which halves the tracing time."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
+    the cached model: the same numbers as the uncompiled cached model, and dynamo really traced graphs (the Block
+    Cache's block patches run inside the compiled forward). Smaller host models cut the tracing time: the tiny UNet
+    without attention layers, the tiny Flux with 1 double and 2 single blocks (F1B1 caches the first single one)."""
     import torch._dynamo
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from modelzoo import tiny_host
     from torch._dynamo.utils import counters
-    config = comfy.supported_models.SD15(dict(tiny_host._SD15_UNET, transformer_depth=[0, 0],
-                                              transformer_depth_output=[0, 0, 0, 0], transformer_depth_middle=0))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=comfy.model_management.unet_offload_device())
-    tiny_host.seeded_init_(model.diffusion_model, 0)
-    base = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
-    pos, neg = tiny_host.tiny_conditioning("sd15", 0), tiny_host.tiny_conditioning("sd15", 1)
-    cached = deepcache(base, DEEPCACHE_SKIPPING)
-    reference = sample_sd15(cached, pos, neg, steps=3)             # steps 0, 2 full, step 1 partial
-    assert not torch.equal(reference, sample_sd15(base, pos, neg, steps=3))
-    compiled = cached.clone()
-    set_torch_compile_wrapper(compiled, backend="eager")
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        out = sample_sd15(compiled, pos, neg, steps=3)
-        graphs = counters["stats"]["unique_graphs"]
-    finally:
+    for arch, overrides in (("sd15", {"transformer_depth": [0, 0], "transformer_depth_output": [0, 0, 0, 0],
+                                      "transformer_depth_middle": 0}),
+                            ("flux", {"depth": 1})):
+        base = tiny_host.build_tiny(arch, 0, **overrides)
+        pos, neg = tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1)
+        cached = apply_cache(base, PATCH_SKIPPING[arch])
+        reference = sample_host(arch, cached, pos, neg, steps=3)         # steps 0, 2 full, step 1 cached
+        assert last_run(arch) == (3, 1), last_run(arch)
+        assert not torch.equal(reference, sample_host(arch, base, pos, neg, steps=3))
+        compiled = cached.clone()
+        set_torch_compile_wrapper(compiled, backend="eager")
         torch._dynamo.reset()
-    assert graphs > 0
-    assert (out - reference).abs().max().item() <= 1e-5
+        counters.clear()
+        try:
+            out = sample_host(arch, compiled, pos, neg, steps=3)
+            graphs = counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+        assert graphs > 0, arch
+        assert last_run(arch) == (3, 1), last_run(arch)
+        assert (out - reference).abs().max().item() <= 1e-5, arch
