@@ -82,7 +82,8 @@ def peak_memory(run):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     # [memory] events carry +bytes for an allocation and -bytes for a free; their running sum is the live total
-    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in changes:
         live += nbytes
@@ -169,7 +170,8 @@ def main(argv=None):
 
     torch.set_grad_enabled(False)
     ancestral = comfy.samplers.ksampler("euler_ancestral").sampler_function
-    unguided = (*sample(ancestral, {}, sigmas, torch.zeros_like(clean)), run_peak(ancestral, {}, torch.zeros_like(clean)))
+    start = torch.zeros_like(clean)
+    unguided = (*sample(ancestral, {}, sigmas, start), run_peak(ancestral, {}, start))
     results, t0 = {}, time.time()
     for sigma_y in args.sigma_y:
         for task, op in tasks(size, sigma_y * units).items():

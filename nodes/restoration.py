@@ -1,6 +1,6 @@
 """Restoration with a diffusion model as the prior: degradation operators, test measurements, the pseudo-inverse
-start (CCDF / baseline) and guided samplers (DDNM+, DiffPIR, RePaint resampling, PiGDM, DPS, RED-diff) for SamplerCustom /
-SamplerCustomAdvanced.
+start (CCDF / baseline) and guided samplers (DDNM+, DiffPIR, RePaint resampling, PiGDM, DPS, RED-diff) for
+SamplerCustom / SamplerCustomAdvanced.
 
 Without a VAE, operators act on the sampler's state space: exact for pixel-space models (the embedded digit model,
 whose latent is the image); for latent models that is the spec's cheap "latent-space operator" level (a latent mask, a
@@ -255,16 +255,18 @@ class QuickstepRestorationSampler(io.ComfyNode):
                         "noised measurement, with resampling; pigdm: PiGDM (pseudo-inverse guidance through the "
                         "model's Jacobian); dps: DPS (gradient of the measurement error through the model; works for "
                         "JPEG); reddiff: RED-diff (Adam on the image with the model as a regulariser). Per step: "
-                        "ddnm / diffpir / repaint / reddiff one model call without a model gradient; pigdm / dps one model call "
-                        "plus one backward pass (about 3x the time, activations of one step in memory). Use with "
+                        "ddnm / diffpir / repaint / reddiff one model call without a model gradient; pigdm / dps one "
+                        "model call plus one backward pass (about 3x the time, activations of one step in memory). "
+                        "Use with "
                         "SamplerCustom; for CCDF give the pseudo-inverse latent as latent_image and a scheduler with "
                         "denoise < 1. NaN/inf during sampling stops the run with an error naming the step.",
             inputs=[Operator.Input("operator", tooltip="The degradation the measurement went through."),
                     io.Latent.Input("measurement", optional=True,
                                     tooltip="The measured (degraded) latent y (operator on the latent: no VAE)."),
                     io.Combo.Input("method", options=list(guidance.METHODS), default="ddnm",
-                                   tooltip="ddnm / diffpir / repaint / pigdm need the operator's pseudo-inverse; dps and "
-                                           "reddiff accept any operator (JPEG too); with a VAE: pigdm, dps, reddiff."),
+                                   tooltip="ddnm / diffpir / repaint / pigdm need the operator's pseudo-inverse; dps "
+                                           "and reddiff accept any operator (JPEG too); with a VAE: pigdm, dps, "
+                                           "reddiff."),
                     io.Float.Input("eta", default=0.85, min=0.0, max=1.0, step=0.05,
                                    tooltip="Fresh-noise share of each step (0: DDIM, 1: ancestral/DDPM); not used "
                                            "by diffpir (see diffpir_zeta) or reddiff."),
