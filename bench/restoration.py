@@ -3,14 +3,19 @@
 Priors: the project's trained digit model (`digit`, eps, 32x32) and the pretrained MNIST DDPM (`ddpm`, 28x28, from
 ../shared/models).  Tasks: x4 super-resolution, 50% box inpainting, 50% random-pixel inpainting, Gaussian deblur (9x9,
 sigma 2), each with sigma_y = 0 and 0.05.  Methods: the pseudo-inverse (and bicubic for SR) baselines, unguided
-sampling, DDNM+, RePaint (inpainting), PiGDM, DPS, RED-diff (the same steps, and as the optimizer it is: 500
-iterations on SR and deblurring), and CCDF (pseudo-inverse forward-diffused to t0 (--ccdf-t0), then PiGDM on the last
-t0 fraction of the steps).  Sampling goes through the host's own path
-(comfy.sample.sample_custom), unconditional prior, cfg 1, karras schedule, the same noises for every method.
+sampling, DDNM+, DiffPIR (zeta 0.3 and 1), RePaint (inpainting), PiGDM, DPS, RED-diff (the same steps, and as the
+optimizer it is: 500 iterations on SR and deblurring), and CCDF (pseudo-inverse forward-diffused to the level where
+the last --ccdf-calls steps of the schedule start, then PiGDM on those steps; default a quarter of --steps).
+Sampling goes through the host's own path (comfy.sample.sample_custom), unconditional prior, cfg 1, karras schedule,
+the same noises for every method.
 
-Per method: seconds per step (model calls + guidance, this machine) and the autograd memory one step saves for its
+Per method: seconds per step (model calls + guidance, this machine); the autograd memory one step saves for its
 backward pass (bytes of the tensors autograd saves, counted with saved_tensors_hooks: 0 for methods without a
-gradient through the model; freed after each step).
+gradient through the model; freed after each step); and the peak tensor memory of a run above what was allocated at
+its start (the whole batch), measured on a separate 3-step run of the method (every method frees its per-step memory,
+so the peak does not grow with the steps): on CUDA the caching allocator's max_memory_allocated, on CPU torch's own
+CPU allocations as the profiler records them (profile_memory; Python objects and the model weights, allocated
+before, are not counted).
 
 usage: python -m bench.restoration [--model digit|ddpm] [--samples 24] [--steps 30] [--methods ...] [--tasks ...]
 Writes bench/results/restoration_<model>.json and prints a markdown table.
@@ -54,6 +59,38 @@ class SavedBytes:
         self.current = 0
 
 
+PEAK_MEMORY_MEANING = {
+    "cuda": "CUDA max_memory_allocated during the run minus memory_allocated at its start",
+    "cpu": "peak of torch's CPU allocations during the run above its start (profiler, profile_memory)"}
+
+
+def memory_device():
+    import comfy.model_management
+    return "cuda" if comfy.model_management.get_torch_device().type == "cuda" else "cpu"
+
+
+def peak_memory(run):
+    """Peak tensor bytes allocated while run() runs, above what was allocated when it started (PEAK_MEMORY_MEANING)."""
+    if memory_device() == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # [memory] events carry +bytes for an allocation and -bytes for a free; their running sum is the live total
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def load_prior(name, samples):
     """(model patcher, clean held-out digits in the model's units, unconditional cond, units per [-1, 1] unit).
     The digit model's data spans [-1, 1]; the DDPM's is pixel / 255 - 0.5 (28x28), half that scale: its operators get
@@ -92,8 +129,8 @@ def main(argv=None):
     parser.add_argument("--sigma-y", type=float, nargs="+", default=[0.0, 0.05])
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=None, help="guided rows to run (default: all)")
-    parser.add_argument("--ccdf-t0", type=float, default=0.2,
-                        help="CCDF start level: the last round(t0 * steps) steps of the schedule")
+    parser.add_argument("--ccdf-calls", type=int, default=None,
+                        help="CCDF: run the last this many steps of the schedule (default: steps // 4)")
     parser.add_argument("--reddiff-iterations", type=int, default=500,
                         help="also RED-diff as the optimizer it is: this many iterations (its own schedule), Adam lr "
                              "0.05, lambda 0.1, on SR and deblurring; 0 = off")
@@ -114,6 +151,8 @@ def main(argv=None):
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", args.steps).cpu()
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     saved = SavedBytes()
+    short_sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 3).cpu()
+    ccdf_calls = args.ccdf_calls or args.steps // 4
 
     def sample(fn, options, sig, latent):
         sampler = comfy.samplers.KSAMPLER(fn, extra_options=options)
@@ -124,8 +163,15 @@ def main(argv=None):
                                              seed=0, callback=lambda *a: saved.step_done())
         return out.float().cpu(), time.time() - t, saved.peak
 
+    def run_peak(fn, options, latent):
+        return peak_memory(lambda: comfy.sample.sample_custom(
+            model, noise, 1.0, comfy.samplers.KSAMPLER(fn, extra_options=options), short_sigmas, cond, cond, latent,
+            disable_pbar=True, seed=0))
+
     torch.set_grad_enabled(False)
-    unguided = sample(comfy.samplers.ksampler("euler_ancestral").sampler_function, {}, sigmas, torch.zeros_like(clean))
+    ancestral = comfy.samplers.ksampler("euler_ancestral").sampler_function
+    start = torch.zeros_like(clean)
+    unguided = (*sample(ancestral, {}, sigmas, start), run_peak(ancestral, {}, start))
     results, t0 = {}, time.time()
     for sigma_y in args.sigma_y:
         for task, op in tasks(size, sigma_y * units).items():
@@ -133,11 +179,14 @@ def main(argv=None):
                 continue
             y = operators.add_noise(op.forward(clean), sigma_y * units, seed=1)
             pinv = op.pinv(y)
-            rows = {"pseudo_inverse": (pinv, 0, 0.0, 0), "unguided": (unguided[0], args.steps, *unguided[1:])}
-            if task.startswith("sr"):
-                rows["bicubic"] = (torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic"), 0, 0.0, 0)
+            rows = {"pseudo_inverse": (pinv, 0, 0.0, 0, 0), "unguided": (unguided[0], args.steps, *unguided[1:])}
+            if task.startswith("sr"):   # y is the block average: bicubic up-sampling centres each pixel on its block
+                rows["bicubic"] = (torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic"), 0, 0.0, 0, 0)
             base = dict(operator=op, measurement=y)
-            runs = {"ddnm+": (dict(method="ddnm", eta=1.0), sigmas), "pigdm": (dict(method="pigdm", eta=1.0), sigmas),
+            runs = {"ddnm+": (dict(method="ddnm", eta=1.0), sigmas),
+                    "diffpir": (dict(method="diffpir"), sigmas),
+                    "diffpir_zeta1": (dict(method="diffpir", diffpir_zeta=1.0), sigmas),
+                    "pigdm": (dict(method="pigdm", eta=1.0), sigmas),
                     "dps": (dict(method="dps", eta=1.0), sigmas), "reddiff": (dict(method="reddiff"), sigmas)}
             if task.startswith("inpaint"):
                 runs["repaint_j2_r2"] = (dict(method="repaint", eta=1.0, jump_length=2, resample_count=2), sigmas)
@@ -146,20 +195,21 @@ def main(argv=None):
                                                               args.reddiff_iterations).cpu()
                 runs[f"reddiff_{args.reddiff_iterations}it"] = (
                     dict(method="reddiff", learning_rate=0.05, strength=0.1 / guidance.REDDIFF_LAMBDA), long_sigmas)
-            tail = guidance.ccdf_sigmas(sigmas, args.ccdf_t0)
-            runs[f"ccdf_t0={args.ccdf_t0}+pigdm"] = (dict(method="pigdm", eta=1.0), tail)
+            tail = guidance.ccdf_sigmas(sigmas, ccdf_calls / args.steps)
+            runs[f"ccdf_{len(tail) - 1}of{args.steps}+pigdm"] = (dict(method="pigdm", eta=1.0), tail)
             for name, (options, sig) in runs.items():
                 if args.methods and name not in args.methods:
                     continue
                 start = pinv if name.startswith("ccdf") else torch.zeros_like(clean)
                 out, sec, mem = sample(guidance.sample_restoration, dict(base, **options), sig, start)
                 nfe = (len(sig) - 1) * options.get("resample_count", 1)
-                rows[name] = (out, nfe, sec, mem)
+                rows[name] = (out, nfe, sec, mem, run_peak(guidance.sample_restoration, dict(base, **options), start))
             key = f"{task} sigma_y={sigma_y}"
             results[key] = {m: {"psnr": psnr(x / units, clean / units), "ssim": ssim(x / units, clean / units),
                                 "consistency": consistency(op, x, y) / units,
-                                "nfe": nfe, "s_per_step": round(sec / max(nfe, 1), 4), "saved_bytes_per_step": mem}
-                            for m, (x, nfe, sec, mem) in rows.items()}
+                                "nfe": nfe, "s_per_step": round(sec / max(nfe, 1), 4), "saved_bytes_per_step": mem,
+                                "peak_bytes": peak}
+                            for m, (x, nfe, sec, mem, peak) in rows.items()}
             print(key, {m: round(v["psnr"], 2) for m, v in results[key].items()}, flush=True)
             if args.figure and sigma_y == args.sigma_y[0]:
                 figure(PACK_DIR / "docs" / f"restoration_{task}.png", clean / units,
@@ -168,13 +218,14 @@ def main(argv=None):
     out_path = args.out or str(RESULTS / f"restoration_{args.model}.json")
     with open(out_path, "w") as f:
         json.dump({"model": args.model, "samples": args.samples, "steps": args.steps, "results": results,
-                   "wall_s": time.time() - t0}, f, indent=1)
-    print("| task | method | PSNR dB | SSIM | RMS(A x - y) | NFE | s/step | autograd MB/step |\n"
-          "|---|---|---|---|---|---|---|---|")
+                   "peak_memory": PEAK_MEMORY_MEANING[memory_device()], "wall_s": time.time() - t0}, f, indent=1)
+    print(f"peak MB: {PEAK_MEMORY_MEANING[memory_device()]}, batch of {args.samples}")
+    print("| task | method | PSNR dB | SSIM | RMS(A x - y) | NFE | s/step | autograd MB/step | peak MB |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for key, rows in results.items():
         for m, v in rows.items():
             print(f"| {key} | {m} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['consistency']:.4f} | {v['nfe']} | "
-                  f"{v['s_per_step']} | {v['saved_bytes_per_step'] / 2 ** 20:.1f} |")
+                  f"{v['s_per_step']} | {v['saved_bytes_per_step'] / 2 ** 20:.1f} | {v['peak_bytes'] / 2 ** 20:.1f} |")
     print(f"wrote {out_path} in {time.time() - t0:.0f} s")
 
 

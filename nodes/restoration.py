@@ -1,6 +1,6 @@
 """Restoration with a diffusion model as the prior: degradation operators, test measurements, the pseudo-inverse
-start (CCDF / baseline) and guided samplers (DDNM+, RePaint resampling, PiGDM, DPS, RED-diff) for SamplerCustom /
-SamplerCustomAdvanced.
+start (CCDF / baseline) and guided samplers (DDNM+, DiffPIR, RePaint resampling, PiGDM, DPS, RED-diff) for
+SamplerCustom / SamplerCustomAdvanced.
 
 Without a VAE, operators act on the sampler's state space: exact for pixel-space models (the embedded digit model,
 whose latent is the image); for latent models that is the spec's cheap "latent-space operator" level (a latent mask, a
@@ -249,23 +249,27 @@ class QuickstepRestorationSampler(io.ComfyNode):
         return io.Schema(
             node_id="QuickstepRestorationSampler", display_name="Restoration Sampler", category=RESTORATION_CATEGORY,
             description="A SAMPLER that restores a measurement with the model as the prior. ddnm: DDNM+ "
-                        "(range/null-space replacement, noise-aware); repaint: projection of the noisy state onto the "
+                        "(range/null-space replacement, noise-aware); diffpir: DiffPIR (closed-form data proximal step "
+                        "on each denoised estimate, weighted by diffpir_lambda, then a step mixing diffpir_zeta of "
+                        "fresh noise); repaint: projection of the noisy state onto the "
                         "noised measurement, with resampling; pigdm: PiGDM (pseudo-inverse guidance through the "
                         "model's Jacobian); dps: DPS (gradient of the measurement error through the model; works for "
                         "JPEG); reddiff: RED-diff (Adam on the image with the model as a regulariser). Per step: "
-                        "ddnm / repaint / reddiff one model call without a model gradient; pigdm / dps one model call "
-                        "plus one backward pass (about 3x the time, activations of one step in memory). Use with "
+                        "ddnm / diffpir / repaint / reddiff one model call without a model gradient; pigdm / dps one "
+                        "model call plus one backward pass (about 3x the time, activations of one step in memory). "
+                        "Use with "
                         "SamplerCustom; for CCDF give the pseudo-inverse latent as latent_image and a scheduler with "
                         "denoise < 1. NaN/inf during sampling stops the run with an error naming the step.",
             inputs=[Operator.Input("operator", tooltip="The degradation the measurement went through."),
                     io.Latent.Input("measurement", optional=True,
                                     tooltip="The measured (degraded) latent y (operator on the latent: no VAE)."),
                     io.Combo.Input("method", options=list(guidance.METHODS), default="ddnm",
-                                   tooltip="ddnm / repaint / pigdm need the operator's pseudo-inverse; dps and "
-                                           "reddiff accept any operator (JPEG too); with a VAE: pigdm, dps, reddiff."),
+                                   tooltip="ddnm / diffpir / repaint / pigdm need the operator's pseudo-inverse; dps "
+                                           "and reddiff accept any operator (JPEG too); with a VAE: pigdm, dps, "
+                                           "reddiff."),
                     io.Float.Input("eta", default=0.85, min=0.0, max=1.0, step=0.05,
                                    tooltip="Fresh-noise share of each step (0: DDIM, 1: ancestral/DDPM); not used "
-                                           "by reddiff."),
+                                           "by diffpir (see diffpir_zeta) or reddiff."),
                     io.Int.Input("jump_length", default=1, min=1, max=1000,
                                  tooltip="Steps between time-travel back-jumps (RePaint's j; not reddiff)."),
                     io.Int.Input("resample_count", default=1, min=1, max=100,
@@ -277,6 +281,16 @@ class QuickstepRestorationSampler(io.ComfyNode):
                                            "then stops with an error."),
                     io.Float.Input("learning_rate", default=guidance.REDDIFF_LR, min=0.001, max=10.0, step=0.01,
                                    tooltip="Adam learning rate of RED-diff (image units per iteration)."),
+                    io.Float.Input("diffpir_lambda", default=guidance.DIFFPIR_LAMBDA, min=0.001, max=1e6, step=0.05,
+                                   optional=True,
+                                   tooltip="DiffPIR's lambda: the prior's weight against the measurement in the data "
+                                           "step (rho = lambda sigma_y^2 / sigma_t^2; with sigma_y = 0 the step is a "
+                                           "projection and lambda has no effect). 0.25 is the paper's lambda = 1, "
+                                           "whose code measures sigma_y on [0, 1] images."),
+                    io.Float.Input("diffpir_zeta", default=guidance.DIFFPIR_ZETA, min=0.0, max=1.0, step=0.05,
+                                   optional=True,
+                                   tooltip="DiffPIR's zeta: fresh-noise share of each step (0: deterministic, 1: "
+                                           "all fresh noise)."),
                     io.Image.Input("measurement_image", optional=True,
                                    tooltip="The measured IMAGE y when a VAE is connected (operator on pixels)."),
                     io.Vae.Input("vae", optional=True,
@@ -287,13 +301,16 @@ class QuickstepRestorationSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, operator, method, eta, jump_length, resample_count, strength, learning_rate, measurement=None,
-                measurement_image=None, vae=None):
+                measurement_image=None, vae=None, diffpir_lambda=guidance.DIFFPIR_LAMBDA,
+                diffpir_zeta=guidance.DIFFPIR_ZETA):
         import comfy.samplers
         label = "Restoration Sampler"
         require_choice(label, "method", method, guidance.METHODS)
         require_finite(label, "eta", eta, 0.0, 1.0)
         require_finite(label, "strength", strength, 0.0, 1000.0)
         require_finite(label, "learning_rate", learning_rate, 0.001, 10.0)
+        require_finite(label, "diffpir_lambda", diffpir_lambda, 0.001, 1e6)
+        require_finite(label, "diffpir_zeta", diffpir_zeta, 0.0, 1.0)
         if vae is not None:
             if method not in guidance.ACCEPTS_DECODER:
                 raise QuickstepInputError(label, f"method = '{method}' works on the latent and cannot use a VAE; "
@@ -310,7 +327,8 @@ class QuickstepRestorationSampler(io.ComfyNode):
                                                  f"and method pigdm, dps or reddiff (method is '{method}')")
             y = _samples(label, "measurement", measurement).float()
         options = dict(operator=operator, measurement=y, method=method, eta=float(eta), jump_length=jump_length,
-                       resample_count=resample_count, strength=float(strength), learning_rate=float(learning_rate))
+                       resample_count=resample_count, strength=float(strength), learning_rate=float(learning_rate),
+                       diffpir_lambda=float(diffpir_lambda), diffpir_zeta=float(diffpir_zeta))
         try:
             guidance.validate(**options)
         except ValueError as error:
