@@ -15,15 +15,18 @@ Calibrated policies are calibrated with the Calibrate Cache code path on another
 Models: "digits" and "digits-flow", the pack's trained SD1.5-architecture UNets (MNIST, pixel space,
 modelzoo/mnist_unet.py; eps with the karras schedule, rectified flow with the simple one; digits 3 and 7 against the
 null digit, CFG 2.5); tiny seeded random-weight host models "sd15" (UNet),
-"mmdit4" (4 joint blocks), "flux12" (4 double + 8 single blocks) and "flux12-smooth" (the same Flux whose time
-embedding reads only the sinusoids that turn at most half a cycle over the schedule, so its output varies smoothly
-with sigma as a trained model's does; not trained), CFG 3.
+"mmdit4" (4 joint blocks), "flux12" (4 double + 8 single blocks), and "flux12-smooth" and "mmdit12-smooth" (that
+Flux, and an MMDiT of mmdit4's width with 12 joint blocks, whose time embeddings read only the sinusoids that turn at
+most half a cycle over the schedule, so their output varies smoothly with sigma as a trained model's does; not
+trained), CFG 3.
 
 Per model: a speed-vs-PSNR curve per cache (its main knob swept), the largest compute ratio each cache reaches at
 >= 30 dB, how many EasyCache/LazyCache points a Quickstep point dominates (no less compute ratio and PSNR), and the
 forecasters compared at equal compute (the same compute steps: uniform DeepCache interval, calibrated Block Cache).
+Block Cache's residual-probe threshold is swept with the node's default forecaster and with plain reuse.
 
-usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12 flux12-smooth] [--quick]
+usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12 flux12-smooth
+                                                   mmdit12-smooth] [--quick]
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
@@ -77,6 +80,10 @@ DEEPER_DITS = {
         "target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}}, False),
     "flux12": ("flux", {"depth": 4, "depth_single_blocks": 8}, False),
     "flux12-smooth": ("flux", {"depth": 4, "depth_single_blocks": 8}, True),
+    # the MMDiT counterpart: mmdit4's width (depth 4: 256 wide, 4 heads) with 12 joint blocks (num_blocks), as many
+    # as flux12 has, so a cache can keep front and back blocks live and still skip most of the model
+    "mmdit12-smooth": ("mmdit", {"depth": 4, "num_blocks": 12, "context_embedder_config": {
+        "target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}}, True),
 }
 
 
@@ -204,9 +211,12 @@ def configs(setup, steps, quick):
                 ("QuickstepBlockCache", block)))
     if quick:
         return out
-    for t in (0.4, 0.7, 1.0, 1.5):
-        out.append(("BlockCache", f"BlockCache t={t}", ("QuickstepBlockCache", dict(block, threshold=t,
-                                                                                    max_consecutive=5))))
+    for forecaster in (block["forecaster"], "reuse"):
+        family = "BlockCache" if forecaster == block["forecaster"] else f"BlockCache {forecaster}"
+        for t in (0.1, 0.2, 0.3, 0.4, 0.6):
+            if forecaster != block["forecaster"] or t != block["threshold"]:
+                out.append((family, f"BlockCache t={t} {forecaster}",
+                            ("QuickstepBlockCache", dict(block, threshold=t, forecaster=forecaster))))
     name = calibrate(setup, ("QuickstepBlockCache", dict(block, threshold=0.0)), steps, f"bench_{setup.name}")
     calibrated = dict(block, policy="calibrated", calibration=name, max_consecutive=5, warmup_steps=1)
     for t in (0.1, 0.24, 0.5, 1.0):
@@ -313,7 +323,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--models", nargs="+", default=["digits", "digits-flow", "sd15", "mmdit4", "flux12",
-                                                          "flux12-smooth"])
+                                                          "flux12-smooth", "mmdit12-smooth"])
     parser.add_argument("--quick", action="store_true", help="defaults only, no sweep")
     parser.add_argument("--out", default=str(RESULTS / "caching.json"))
     parser.add_argument("--sd15-partial-cost", action="store_true",
