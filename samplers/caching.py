@@ -193,10 +193,10 @@ class SkipPolicy:
       cached steps (FBCache / DBCache). threshold 0 never skips.
     warmup: the first `warmup` steps always compute. max_consecutive: at most this many cached steps in a row.
     start_sigma/end_sigma: caching only for end_sigma < sigma <= start_sigma. always: step indices always computed
-    (a static compute mask)."""
-    threshold: float = 0.1
-    warmup: int = 2
-    max_consecutive: int = 3
+    (a static compute mask). No defaults here: the Block Cache node's inputs carry the measured ones."""
+    threshold: float
+    warmup: int
+    max_consecutive: int
     start_sigma: float = math.inf
     end_sigma: float = 0.0
     always: frozenset = frozenset()

@@ -61,7 +61,7 @@ def test_skip_policy_limits():
     assert not p.may_cache(3, 5.0, 2)          # consecutive cap
     assert not p.may_cache(5, 5.0, 0)          # static compute mask
     assert not p.may_cache(3, 11.0, 0) and not p.may_cache(3, 1.0, 0)   # window
-    assert not qc.SkipPolicy(threshold=0.0).may_cache(10, 1.0, 0)       # threshold 0 never skips
+    assert not qc.SkipPolicy(threshold=0.0, warmup=2, max_consecutive=3).may_cache(10, 1.0, 0)   # 0 never skips
 
 
 # --------------------------------------------------------------------------------------------------- host graphs
