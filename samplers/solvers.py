@@ -112,8 +112,9 @@ def run_multistep(run, predict, max_order, lower_order_final, corrector=None, fi
     `final_step`, the jump to sigma = 0: x = D ("denoised"); variable-step AB2 on d in sigma over the two newest
     outputs ("ab2"; spec 0.5: helps few-step flow schedules whose last nonzero sigma is large); or "extrapolate":
     no model call at the last nonzero sigma, the AB2 extrapolation of the two newest directions d carries x to 0
-    (the "no denoise to zero" of DPM-Solver/EDM, made accurate to O(sigma_{N-1} h^2): one call saved where that
-    call only moves x by sigma_{N-1} * eps).
+    (the "no denoise to zero" of DPM-Solver/EDM and AFS's code, with the last jump extrapolated instead of
+    dropped: its error is sigma_{N-1} times the extrapolation error of d, so it saves a call where sigma_{N-1} is
+    small).
     `first_step="analytic"`: the analytic first step (AFS, Zhou et al. CVPR 2024) saves the call at sigma_0: the
     first step is taken with D = 0 (AFS's zero-mean guess), then, unlike AFS, redone with the model output at
     sigma_1 in place of D(x_0, sigma_0) (the UniC idea: the output at the predicted point corrects that point), so
