@@ -68,7 +68,7 @@ class QuickstepDPMSolverPP(io.ComfyNode):
                     io.Combo.Input("final_step", options=list(qs.FINAL_STEPS), default="denoised",
                                    tooltip="Last step to sigma 0: the denoised estimate, a second-order step "
                                            "(helps flow models at 8+ steps), or extrapolate (no model call at "
-                                           "the last sigma when it is small; auto decides).")],
+                                           "a small last sigma; see the Few-Step Sampler node).")],
             outputs=[io.Sampler.Output()])
 
     @classmethod
@@ -173,20 +173,20 @@ class QuickstepFewStep(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QuickstepFewStep", display_name="Few-Step Sampler", category=SAMPLER_CATEGORY,
-            description="A multistep sampler that spends fewer model calls than schedule steps: the analytic first "
-                        "step (AFS, corrected by the next model output) skips the call at flow sigma 1, and the "
-                        "extrapolated final step skips the call at a small last sigma. With 'auto' both, each where "
-                        "it is sound: a schedule of N steps then costs N-1 calls (EPS/V) or N-1..N-2 (flow); give "
-                        "the scheduler one or two more steps than your call budget.",
+            description="A multistep sampler that can spend fewer model calls than schedule steps: the analytic "
+                        "first step (AFS, corrected by the next model output) skips the call at flow sigma 1 ('auto' "
+                        "does it exactly there), and the extrapolated final step skips the call at a small last "
+                        "sigma (won on the exact oracle, not on the trained digit model: try it on yours). Give the "
+                        "scheduler one more step per skipped call.",
             inputs=[io.Combo.Input("base", options=list(FEW_STEP_BASES), default="dpmpp_2m_unic",
                                    tooltip="The multistep solver."),
                     io.Combo.Input("first_step", options=list(qs.FIRST_STEPS), default="auto",
                                    tooltip="model: call the model at the first sigma; analytic: skip that call "
                                            "(sound from flow sigma 1); auto: analytic exactly there."),
-                    io.Combo.Input("final_step", options=list(qs.FINAL_STEPS), default="auto",
-                                   tooltip="extrapolate: no call at the last nonzero sigma (sound when it is "
-                                           "small, as on EPS/V schedules); ab2 / denoised: with that call; auto: "
-                                           "extrapolate when the last sigma is small, else ab2.")],
+                    io.Combo.Input("final_step", options=list(qs.FINAL_STEPS), default="ab2",
+                                   tooltip="ab2: second-order jump to 0 (helps few-step flow); denoised: x = D; "
+                                           "extrapolate: no call at the last nonzero sigma (only when it is small, "
+                                           "as on EPS/V schedules ending at 0.03).")],
             outputs=[io.Sampler.Output()])
 
     @classmethod

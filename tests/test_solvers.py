@@ -199,26 +199,24 @@ def test_analytic_first_step_saves_the_first_call_on_flow(name):
     assert analytic_moved == pytest.approx(analytic, rel=0.02)
 
 
-def test_fewstep_preset_chooses_per_family_and_schedule():
+def test_fewstep_preset_skips_the_first_call_only_from_flow_sigma_one():
     eps, flow = FAMILIES["eps"], FAMILIES["flow"]
-    for family in (eps, flow):              # EPS: extrapolated final step; flow (last sigma 0.375): analytic start
-        error, calls = _run(family, "dpmpp_2m_unic_fewstep", 6)
-        plain, _ = _run(family, "dpmpp_2m_unic", 5)
-        assert calls == 5 and error < 0.75 * plain, (family.flow, error, plain)
+    error, calls = _run(flow, "dpmpp_2m_unic_fewstep", 6)
+    plain, _ = _run(flow, "dpmpp_2m_unic", 5)
+    assert calls == 5 and error < 0.75 * plain, (error, plain)
+    _, calls = _run(eps, "dpmpp_2m_unic_fewstep", 6)
+    assert calls == 6                                  # from SD's sigma_max = 14.6 the first call is kept
     frame_eps, frame_flow = Q.Frame(False), Q.Frame(True)
     assert Q.resolve_first_step("auto", frame_eps, [14.6, 1.0, 0.0]) == "model"
     assert Q.resolve_first_step("auto", frame_flow, [1.0, 0.5, 0.0]) == "analytic"
     assert Q.resolve_first_step("auto", frame_flow, [0.9, 0.5, 0.0]) == "model"      # img2img start
-    assert Q.resolve_final_step("auto", frame_eps, [14.6, 0.03, 0.0]) == "extrapolate"
-    assert Q.resolve_final_step("auto", frame_flow, [1.0, 0.3, 0.0]) == "ab2"
-    assert Q.resolve_final_step("auto", frame_flow, [1.0, 0.5, 0.003, 0.0]) == "extrapolate"
-    assert Q.resolve_final_step("auto", frame_eps, [14.6, 1.0, 0.5]) == "ab2"          # ends above 0
     # both saves on a flow schedule ending small: 5 sigmas, 2 calls; one interval still makes its call
     model = FakeModel(True)
-    out = Q.SAMPLERS["dpmpp_2m_unic_fewstep"](model, flow.x, torch.tensor([1.0, 0.8, 0.5, 0.003, 0.0]))
+    out = Q.SAMPLERS["dpmpp_2m_unic_fewstep"](model, flow.x, torch.tensor([1.0, 0.8, 0.5, 0.003, 0.0]),
+                                              final_step="extrapolate")
     assert model.calls == 2 and torch.isfinite(out).all()
     model = FakeModel(True)
-    Q.SAMPLERS["dpmpp_2m_unic_fewstep"](model, flow.x, torch.tensor([1.0, 0.003, 0.0]))
+    Q.SAMPLERS["dpmpp_2m_unic_fewstep"](model, flow.x, torch.tensor([1.0, 0.003, 0.0]), final_step="extrapolate")
     assert model.calls == 1
 
 
@@ -418,7 +416,7 @@ def test_validate_sigmas(sigmas, match):
     ("heun", {"s_churn": -1.0}, "s_churn"), ("restart", {"restart": {0.1: (10, 2, 0.05)}}, "t_max"),
     ("dpmpp_3m_unic", {"unic_order": 7}, "unic_order"), ("dpmpp_2m", {"final_step": "x"}, "final_step"),
     ("unipc_bh2", {"first_step": "afs"}, "first_step .* got 'afs'"), ("ipndm_v", {"first_step": None}, "first_step"),
-    ("dpmpp_2m_unic_fewstep", {"final_step": "zero"}, "final_step .* got 'zero'"),
+    ("dpmpp_2m_unic_fewstep", {"final_step": "auto"}, "final_step .* got 'auto'"),
 ])
 def test_option_validation(name, options, match):
     with pytest.raises(ValueError, match=match):
