@@ -3,10 +3,11 @@
 For every deterministic sampler in the host's list (ComfyUI's built-ins and Quickstep's qs_ entries) and every
 scheduler of the host's list, the steps are chosen so that the counted number of model calls is at most the budget;
 the sampler's error is that of its best scheduler. Models: the exact Gaussian-mixture oracle for the EPS, V and
-flow families (error against the exact ODE solution), and the trained digit model when present (error against a
-500-step DPM-Solver++(2M) reference from the same noise).
+flow families (error against the exact ODE solution), and the trained digit models when present ("digits": EPS,
+"digits-flow": rectified flow; error against a 500-step DPM-Solver++(2M) reference from the same noise).
 
-usage: python -m bench.solvers [--nfe 3 4 5 6 8 10] [--samples 16] [--families eps v flow digits] [--samplers ...]
+usage: python -m bench.solvers [--nfe 3 4 5 6 8 10] [--samples 16] [--families eps v flow digits digits-flow]
+                              [--samplers ...]
 Writes bench/results/solvers.json and prints a markdown table with each sampler's ratio to the best host built-in.
 """
 import argparse
@@ -24,6 +25,7 @@ from testbed.host import HOST_DIR, PACK_DIR
 HOST_ODE_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
                      "res_multistep", "gradient_estimation", "ddim", "uni_pc", "uni_pc_bh2")
 RESULTS = PACK_DIR / "bench" / "results"
+STEPS_PER_CALL_CAP = 4        # probe schedules up to this many steps per call of the largest budget (PFDiff k=2: 3)
 
 
 class CountedModel:
@@ -57,13 +59,14 @@ def schedule(model, scheduler, steps):
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 
 
-def calls_by_steps(model, sampler_name, scheduler, max_steps, probe):
-    """{steps: counted NFE} for 1..max_steps (probing on a one-sample batch). Left out: steps that cannot run, and
-    schedules that do not start at the model's sigma_max (a full denoise from a lower sigma solves an easier
-    problem and would look more accurate than it is)."""
+def calls_by_steps(model, sampler_name, scheduler, max_calls, probe):
+    """{steps: counted NFE} for 1, 2, ... steps until the count passes max_calls (probing on a one-sample batch):
+    samplers that spend fewer calls than steps (PFDiff, the few-step options) get the longer schedules their
+    budget allows. Left out: steps that cannot run, and schedules that do not start at the model's sigma_max (a
+    full denoise from a lower sigma solves an easier problem and would look more accurate than it is)."""
     sigma_max = float(model.get_model_object("model_sampling").sigma_max)
     counted = {}
-    for steps in range(1, max_steps + 1):
+    for steps in range(1, STEPS_PER_CALL_CAP * max_calls + 1):
         try:
             sigmas = schedule(model, scheduler, steps)
             if float(sigmas[0]) < 0.999 * sigma_max:
@@ -71,6 +74,8 @@ def calls_by_steps(model, sampler_name, scheduler, max_steps, probe):
             _, counted[steps] = probe(sampler_name, sigmas)
         except Exception:   # a scheduler or sampler that cannot run this few steps
             continue
+        if counted[steps] > max_calls:
+            break
     return counted
 
 
@@ -216,7 +221,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10])
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--families", nargs="+", default=["eps", "v", "flow", "digits"])
+    parser.add_argument("--families", nargs="+", default=["eps", "v", "flow", "digits", "digits-flow"])
     parser.add_argument("--samplers", nargs="+", default=None, help="default: host ODE samplers + every qs_ sampler")
     parser.add_argument("--schedulers", nargs="+", default=None, help="default: the host's scheduler list")
     parser.add_argument("--no-ld3", action="store_true", help="skip the LD3-optimized schedule rows")
@@ -235,7 +240,10 @@ def main(argv=None):
     schedulers = args.schedulers or list(comfy.samplers.SCHEDULER_NAMES)
     results, t0 = {}, time.time()
     for family in args.families:
-        case = digits_case(args.samples) if family == "digits" else oracle_case(family, args.samples)
+        if family.startswith("digits"):
+            case = digits_case(args.samples, "flow" if family == "digits-flow" else "eps")
+        else:
+            case = oracle_case(family, args.samples)
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue

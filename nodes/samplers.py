@@ -65,16 +65,17 @@ class QuickstepDPMSolverPP(io.ComfyNode):
                     io.Combo.Input("solver_type", options=["midpoint", "taylor"], default="midpoint",
                                    tooltip="Second-order term of the multistep variants."),
                     _lower_order_final(),
-                    io.Combo.Input("final_step", options=["denoised", "ab2"], default="denoised",
-                                   tooltip="Last step to sigma 0: the denoised estimate, or a second-order step "
-                                           "(helps flow models at 8+ steps).")],
+                    io.Combo.Input("final_step", options=list(qs.FINAL_STEPS), default="denoised",
+                                   tooltip="Last step to sigma 0: the denoised estimate, a second-order step "
+                                           "(helps flow models at 8+ steps), or extrapolate (no model call at "
+                                           "a small last sigma; see the Few-Step Sampler node).")],
             outputs=[io.Sampler.Output()])
 
     @classmethod
     def execute(cls, variant, solver_type, lower_order_final, final_step):
         label = "DPM-Solver++"
         require_choice(label, "variant", variant, ("2m", "3m", "2s"))
-        require_choice(label, "final_step", final_step, ("denoised", "ab2"))
+        require_choice(label, "final_step", final_step, qs.FINAL_STEPS)
         if variant == "2s":
             return io.NodeOutput(sampler_object(label, qs.SAMPLERS["dpmpp_2s"]))
         require_choice(label, "solver_type", solver_type, ("midpoint", "taylor"))
@@ -162,6 +163,39 @@ class QuickstepHeunEDM(io.ComfyNode):
             require_finite(label, name, value)
         return io.NodeOutput(sampler_object(label, qs.SAMPLERS["heun"], s_churn=s_churn, s_tmin=s_tmin,
                                             s_tmax=s_tmax, s_noise=s_noise))
+
+
+FEW_STEP_BASES = ("dpmpp_2m_unic", "dpmpp_2m", "dpmpp_3m_unic", "unipc_bh2", "unipc_bh1", "ipndm_v", "deis")
+
+
+class QuickstepFewStep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepFewStep", display_name="Few-Step Sampler", category=SAMPLER_CATEGORY,
+            description="A multistep sampler that can spend fewer model calls than schedule steps: the analytic "
+                        "first step (AFS, corrected by the next model output) skips the call at flow sigma 1 ('auto' "
+                        "does it exactly there), and the extrapolated final step skips the call at a small last "
+                        "sigma (won on the exact oracle, not on the trained digit model: try it on yours). Give the "
+                        "scheduler one more step per skipped call.",
+            inputs=[io.Combo.Input("base", options=list(FEW_STEP_BASES), default="dpmpp_2m_unic",
+                                   tooltip="The multistep solver."),
+                    io.Combo.Input("first_step", options=list(qs.FIRST_STEPS), default="auto",
+                                   tooltip="model: call the model at the first sigma; analytic: skip that call "
+                                           "(sound from flow sigma 1); auto: analytic exactly there."),
+                    io.Combo.Input("final_step", options=list(qs.FINAL_STEPS), default="ab2",
+                                   tooltip="ab2: second-order jump to 0 (helps few-step flow); denoised: x = D; "
+                                           "extrapolate: no call at the last nonzero sigma (only when it is small, "
+                                           "as on EPS/V schedules ending at 0.03).")],
+            outputs=[io.Sampler.Output()])
+
+    @classmethod
+    def execute(cls, base, first_step, final_step):
+        label = "Few-Step Sampler"
+        require_choice(label, "base", base, FEW_STEP_BASES)
+        require_choice(label, "first_step", first_step, qs.FIRST_STEPS)
+        require_choice(label, "final_step", final_step, qs.FINAL_STEPS)
+        return io.NodeOutput(sampler_object(label, qs.SAMPLERS[base], first_step=first_step, final_step=final_step))
 
 
 def _quickstep_function(label, sampler, needs, description):
@@ -290,5 +324,5 @@ class QuickstepParallelSampling(io.ComfyNode):
                                             tolerance=tolerance))
 
 
-NODES = [QuickstepDPMSolverPP, QuickstepUniPC, QuickstepDEIS, QuickstepIPNDM, QuickstepHeunEDM,
+NODES = [QuickstepDPMSolverPP, QuickstepUniPC, QuickstepDEIS, QuickstepIPNDM, QuickstepHeunEDM, QuickstepFewStep,
          QuickstepUniCCorrector, QuickstepPFDiff, QuickstepPFDiffSteps, QuickstepRestart, QuickstepParallelSampling]

@@ -9,10 +9,12 @@ from .common import validate_sigmas
 from .distilled import FAMILIES as DISTILLED_FAMILIES, consistency_sigmas, sample_tcd
 from .frame import Frame, frame_of, is_flow, model_sampling_of
 from .parallel import sample_paradigms
-from .solvers import (UniC, run_multistep, sample_deis, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2m,
-                      sample_dpmpp_2s, sample_dpmpp_3m, sample_euler, sample_heun, sample_ipndm, sample_ipndm_v,
-                      sample_unipc, sample_unipc_bh1, sample_unipc_bh2, singlestep_nfe)
-from .wrappers import (DEFAULT_RESTART, pfdiff_fine_steps, pfdiff_nfe, with_pfdiff, with_restart, with_unic)
+from .solvers import (FINAL_STEPS, FIRST_STEPS, UniC, resolve_first_step, run_multistep,
+                      sample_deis, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2m, sample_dpmpp_2s,
+                      sample_dpmpp_3m, sample_euler, sample_heun, sample_ipndm, sample_ipndm_v, sample_unipc,
+                      sample_unipc_bh1, sample_unipc_bh2, singlestep_nfe)
+from .wrappers import (DEFAULT_RESTART, pfdiff_fine_steps, pfdiff_nfe, with_defaults, with_pfdiff, with_restart,
+                       with_unic)
 
 SAMPLERS = {
     "euler": sample_euler,
@@ -31,6 +33,9 @@ SAMPLERS = {
     "dpmpp_3m_unic": with_unic(sample_dpmpp_3m),
     "ipndm_v_unic": with_unic(sample_ipndm_v),
     "deis_unic": with_unic(sample_deis),
+    # few-step preset: no model call at flow sigma = 1 (analytic first step), second-order final step (solvers.py)
+    "dpmpp_2m_unic_fewstep": with_defaults(with_unic(sample_dpmpp_2m), "dpmpp_2m_unic_fewstep", first_step="auto",
+                                           final_step="ab2"),
     "pfdiff": with_pfdiff(sample_euler, k=2, h=1),
     "pfdiff_heun": with_pfdiff(sample_heun, k=1, h=1),
     "restart": with_restart(sample_heun),
@@ -47,5 +52,7 @@ def validate_options(name, **options):
 
 
 __all__ = ["SAMPLERS", "validate_options", "validate_sigmas", "Frame", "frame_of", "is_flow", "model_sampling_of",
-           "UniC", "run_multistep", "with_unic", "with_pfdiff", "with_restart", "pfdiff_fine_steps", "pfdiff_nfe",
-           "singlestep_nfe", "DEFAULT_RESTART", "DISTILLED_FAMILIES", "consistency_sigmas"] + [f.__name__ for f in SAMPLERS.values()]
+           "FIRST_STEPS", "FINAL_STEPS", "UniC", "resolve_first_step", "run_multistep",
+           "with_unic", "with_defaults", "with_pfdiff", "with_restart", "pfdiff_fine_steps", "pfdiff_nfe",
+           "singlestep_nfe", "DEFAULT_RESTART", "DISTILLED_FAMILIES", "consistency_sigmas"] + [
+               f.__name__ for f in SAMPLERS.values()]

@@ -11,7 +11,9 @@ Families and the drivers they share:
   multistep sampler takes that hook as its `corrector` option (marked `supports_corrector`): that is how
   `with_unic` (wrappers.py) adds UniC to any of them at no extra model call.
 - singlestep samplers (DPM-Solver-2/-3, DPM-Solver++ 2S): `order` model calls per interval, `run_singlestep`.
-The final interval to sigma = 0 is always x = D(x, sigma_{N-1}) (spec 0.5), and every driver stops there.
+The final interval to sigma = 0 is x = D(x, sigma_{N-1}) (spec 0.5), and every driver stops there; multistep
+samplers also offer a second-order final step and, for few-step budgets, two ways to save a model call
+(`first_step`, `final_step`: see `run_multistep`).
 """
 import math
 
@@ -52,9 +54,14 @@ def with_validation(validator):
     return mark
 
 
-def _check_common(lower_order_final=True, stats=None, corrector=None, final_step="denoised"):
+FIRST_STEPS = ("model", "analytic", "auto")
+FINAL_STEPS = ("denoised", "ab2", "extrapolate")
+
+
+def _check_common(lower_order_final=True, stats=None, corrector=None, final_step="denoised", first_step="model"):
     check_choice("lower_order_final", lower_order_final, (True, False))
-    check_choice("final_step", final_step, ("denoised", "ab2"))
+    check_choice("final_step", final_step, FINAL_STEPS)
+    check_choice("first_step", first_step, FIRST_STEPS)
     if stats is not None and not isinstance(stats, dict):
         raise ValueError(f"option stats must be a dict or None, got {type(stats).__name__}")
     if corrector is not None and not callable(corrector):
@@ -77,15 +84,51 @@ class History:
         return len(self.sigmas)
 
 
-def run_multistep(run, predict, max_order, lower_order_final, corrector=None, final_step="denoised"):
-    """`final_step`: the jump to sigma = 0 is x = D ("denoised") or, with >= 2 outputs, variable-step AB2 on d in
-    sigma ("ab2"; spec 0.5: helps few-step flow schedules whose last nonzero sigma is large)."""
+def resolve_first_step(first_step, frame, sigmas):
+    """"auto": the analytic first step exactly where the start state holds no information about the data (flow
+    sigma = 1, lambda = -inf: D(x, 1) is the data mean for every x), else the model call."""
+    if first_step != "auto":
+        return first_step
+    return "analytic" if frame.lam(sigmas[0]) == -math.inf else "model"
+
+
+def run_multistep(run, predict, max_order, lower_order_final, corrector=None, final_step="denoised",
+                  first_step="model"):
+    """One model call per step, predictor (+ optional corrector) on the history of outputs.
+
+    `final_step`, the jump to sigma = 0: x = D ("denoised"); variable-step AB2 on d in sigma over the two newest
+    outputs ("ab2"; spec 0.5: helps few-step flow schedules whose last nonzero sigma is large); or "extrapolate":
+    no model call at the last nonzero sigma, the AB2 extrapolation of the two newest directions d carries x to 0
+    (the "no denoise to zero" of DPM-Solver/EDM and AFS's code, with the last jump extrapolated instead of
+    dropped: its error is sigma_{N-1} times the extrapolation error of d, so it saves a call where sigma_{N-1} is
+    small).
+    `first_step="analytic"`: the analytic first step (AFS, Zhou et al. CVPR 2024) saves the call at sigma_0: the
+    first step is taken with D = 0 (AFS's zero-mean guess), then, unlike AFS, redone with the model output at
+    sigma_1 in place of D(x_0, sigma_0) (the UniC idea: the output at the predicted point corrects that point), so
+    a non-zero data mean does not leak into the trajectory.  Sound where D barely changes over the first interval
+    (from flow sigma = 1, where D(x, 1) is the data mean for every x); not from SD's sigma_max = 14.6.
+    `first_step="auto"` takes the analytic first step where it is sound (`resolve_first_step`).  "extrapolate" has
+    no "auto": it won on the oracle but not on the trained digit model (README), so it is the user's explicit choice.
+    """
     frame = frame_of(run.denoiser.model)
     sigmas, x, x_before = run.sigmas, run.x, None
+    analytic_start = resolve_first_step(first_step, frame, sigmas) == "analytic" and sigmas[1] > 0.0
     history = History()
     for i in run.steps():
+        if i == 0 and analytic_start:
+            x_before = x
+            ratio, _ = frame.finite_for(sigmas[:1]).first_order(sigmas[0], sigmas[1])
+            x = x * ratio                                       # the first-order step with D = 0
+            continue
+        if sigmas[i + 1] == 0.0 and final_step == "extrapolate" and len(history) > 0:
+            x = combine(1.0, x, adams_weights(sigmas[i], 0.0, history.sigmas[:2]), history.directions)
+            continue
         denoised, direction = run.denoiser.d(x, sigmas[i])
-        if corrector is not None and i > 0:
+        if i == 1 and analytic_start:
+            ratio, weight = frame.finite_for(sigmas[:1]).first_order(sigmas[0], sigmas[1])
+            x = ratio * x_before + weight * denoised
+            direction = (x - denoised) / sigmas[i]
+        elif corrector is not None and i > 0:
             # the output at the predicted point corrects that point; it stays the history value (UniPC design)
             x = corrector(frame, x_before, i - 1, sigmas, history, denoised, run.n_steps)
         history.push(sigmas[i], denoised, direction)
@@ -188,13 +231,13 @@ def _check_dpmpp(order=2, solver_type="midpoint", **common):
 @supports_corrector
 def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, order=2,
                            solver_type="midpoint", lower_order_final=True, corrector=None, final_step="denoised",
-                           stats=None):
+                           first_step="model", stats=None):
     """DPM-Solver++ multistep (data prediction), order 1-3, in the model's true log-SNR frame (Frame B)."""
     _check_dpmpp(order, solver_type, lower_order_final=lower_order_final, stats=stats, corrector=corrector,
-                 final_step=final_step)
+                 final_step=final_step, first_step=first_step)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
     return run_multistep(run, _dpmpp_predictor(solver_type == "midpoint"), order, lower_order_final, corrector,
-                         final_step)
+                         final_step, first_step)
 
 
 @with_validation(_check_dpmpp)
@@ -220,14 +263,14 @@ def _check_unipc(order=3, variant="bh2", use_corrector=True, **common):
 
 @with_validation(_check_unipc)
 def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, variant="bh2",
-                 use_corrector=True, lower_order_final=True, final_step="denoised", stats=None):
+                 use_corrector=True, lower_order_final=True, final_step="denoised", first_step="model", stats=None):
     """UniPC: UniP-p predictor + UniC-p corrector (data prediction, Frame B).  The corrector reuses the next step's
     model output, so NFE = steps; it is skipped after the final step (no output comes after it)."""
     _check_unipc(order, variant, use_corrector, lower_order_final=lower_order_final, stats=stats,
-                 final_step=final_step)
+                 final_step=final_step, first_step=first_step)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
     corrector = UniC(order, variant, lower_order_final) if use_corrector else None
-    return run_multistep(run, _unip_predictor(variant), order, lower_order_final, corrector, final_step)
+    return run_multistep(run, _unip_predictor(variant), order, lower_order_final, corrector, final_step, first_step)
 
 
 @with_validation(_check_unipc)
@@ -249,14 +292,14 @@ def _check_deis(max_order=3, mode="tab", **common):
 @with_validation(_check_deis)
 @supports_corrector
 def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, mode="tab",
-                lower_order_final=True, corrector=None, final_step="denoised", stats=None):
+                lower_order_final=True, corrector=None, final_step="denoised", first_step="model", stats=None):
     """DEIS: Adams-Bashforth on d with the Lagrange polynomial in tau (tAB: ComfyUI's EDM-fitted VP time; rhoAB:
     tau = sigma)."""
     _check_deis(max_order, mode, lower_order_final=lower_order_final, stats=stats, corrector=corrector,
-                final_step=final_step)
+                final_step=final_step, first_step=first_step)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
     predict = _adams_predictor(_deis_time if mode == "tab" else None)
-    return run_multistep(run, predict, max_order, lower_order_final, corrector, final_step)
+    return run_multistep(run, predict, max_order, lower_order_final, corrector, final_step, first_step)
 
 
 def _check_ipndm(max_order=4, **common):
@@ -267,23 +310,23 @@ def _check_ipndm(max_order=4, **common):
 @with_validation(_check_ipndm)
 @supports_corrector
 def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
-                 lower_order_final=True, corrector=None, final_step="denoised", stats=None):
+                 lower_order_final=True, corrector=None, final_step="denoised", first_step="model", stats=None):
     """iPNDM: fixed-coefficient Adams-Bashforth on d in sigma (meant for near-uniform steps)."""
     _check_ipndm(max_order, lower_order_final=lower_order_final, stats=stats, corrector=corrector,
-                 final_step=final_step)
+                 final_step=final_step, first_step=first_step)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
-    return run_multistep(run, _ipndm_predict, max_order, lower_order_final, corrector, final_step)
+    return run_multistep(run, _ipndm_predict, max_order, lower_order_final, corrector, final_step, first_step)
 
 
 @with_validation(_check_ipndm)
 @supports_corrector
 def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
-                   lower_order_final=True, corrector=None, final_step="denoised", stats=None):
+                   lower_order_final=True, corrector=None, final_step="denoised", first_step="model", stats=None):
     """iPNDM-v: variable-step Adams-Bashforth on d in sigma (coefficients from the actual sigma gaps)."""
     _check_ipndm(max_order, lower_order_final=lower_order_final, stats=stats, corrector=corrector,
-                 final_step=final_step)
+                 final_step=final_step, first_step=first_step)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
-    return run_multistep(run, _adams_predictor(), max_order, lower_order_final, corrector, final_step)
+    return run_multistep(run, _adams_predictor(), max_order, lower_order_final, corrector, final_step, first_step)
 
 
 # ================================================ singlestep solvers ================================================

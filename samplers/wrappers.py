@@ -6,6 +6,7 @@
 - with_pfdiff(base, k=2, h=1): PFDiff timestep skipping (arXiv 2408.08822) over a slope sampler (one exposing
   `interval_slope`: euler = first order, 1 NFE per evaluation; heun = second order, 2 NFE per evaluation).
 - with_restart(base, restart=..., s_noise=1.0): Restart sampling (Xu et al. 2023) with any base sampler.
+- with_defaults(base, name, **defaults): `base` under another name with other default options (a preset).
 """
 import math
 
@@ -38,6 +39,22 @@ def with_unic(base, order=3, variant="bh2"):
     sampler.__name__ = sampler.__qualname__ = f"{base.__name__}_unic"
     sampler.__doc__ = f"{base.__name__} + UniC corrector (no extra model call)."
     sampler.validate = validate
+    return sampler
+
+
+# ================================================ presets ===========================================================
+def with_defaults(base, name, **defaults):
+    """`base` named `name` whose options default to `defaults` (the caller's options still win)."""
+    base.validate(**defaults)
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return base(model, x, sigmas, extra_args, callback, disable, **{**defaults, **options})
+
+    sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
+    sampler.__doc__ = f"{base.__name__} with {defaults}."
+    sampler.validate = lambda **options: base.validate(**{**defaults, **options})
+    if getattr(base, "supports_corrector", False):
+        sampler.supports_corrector = True
     return sampler
 
 

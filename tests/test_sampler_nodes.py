@@ -107,6 +107,30 @@ def test_pfdiff_with_budget_helper_uses_fewer_calls_than_steps(inproc):
     assert error < euler_error
 
 
+def _counted_error(inproc, family, sampler_node, steps, scheduler, previous=None):
+    """(error to the exact solution, model calls, counter) of a SAMPLER node on the oracle.  The counting node's
+    output is cached between runs of the same model, so its counter then goes on from `previous` (a counter)."""
+    graph = _advanced(family, sampler_node, steps, scheduler)
+    graph["count"] = {"class_type": "QuickstepTestCountCalls", "inputs": {"model": ["model", 0]}}
+    graph["guider"]["inputs"]["model"] = ["count", 0]
+    already = previous["n"] if previous is not None else 0
+    error, result = _advanced_error(inproc, graph)
+    counter = inproc.output(result, "count").model_options["transformer_options"]["quickstep_test_calls"]
+    return error, counter["n"] - (already if counter is previous else 0), counter
+
+
+@pytest.mark.parametrize("family,scheduler,final_step", [("eps", "exponential", "extrapolate"),
+                                                          ("flow", "simple", "ab2")])
+def test_few_step_node_spends_fewer_calls_than_steps_and_beats_the_same_budget(inproc, family, scheduler, final_step):
+    few_step = {"class_type": "QuickstepFewStep",
+                "inputs": {"base": "dpmpp_2m_unic", "first_step": "auto", "final_step": final_step}}
+    plain = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "qs_dpmpp_2m_unic"}}
+    error, calls, counter = _counted_error(inproc, family, few_step, 6, scheduler)
+    plain_error, plain_calls, _ = _counted_error(inproc, family, plain, 5, scheduler, previous=counter)
+    assert calls == plain_calls == 5
+    assert error < 0.8 * plain_error, (error, plain_error)
+
+
 def test_parallel_sampling_matches_sequential_euler(inproc):
     euler_error, euler_run = _advanced_error(inproc, _advanced(
         "eps", {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "qs_euler"}}, 24))
@@ -122,6 +146,8 @@ def test_parallel_sampling_matches_sequential_euler(inproc):
     ("QuickstepDPMSolverPP", {"variant": "4m", "solver_type": "midpoint", "lower_order_final": True,
                               "final_step": "denoised"}, "variant"),
     ("QuickstepPFDiff", {"base": "euler", "k": 1, "h": 2}, "h"),
+    ("QuickstepFewStep", {"base": "dpmpp_2m_unic", "first_step": "afs", "final_step": "ab2"}, "first_step"),
+    ("QuickstepFewStep", {"base": "heun", "first_step": "auto", "final_step": "ab2"}, "base"),
     ("QuickstepRestart", {"base": "heun", "t_min": 3.0, "t_max": 2.0, "restart_steps": 4, "repeats": 1,
                           "s_noise": 1.0}, "t_min"),
     ("QuickstepParallelSampling", {"window": 4, "tolerance": float("nan")}, "tolerance"),

@@ -4,6 +4,7 @@ Every accuracy claim is measured against exact PF-ODE solutions (modelzoo.gmm.ex
 start states.  The fake model mimics the host chain model.inner_model.model_patcher.get_model_object(
 "model_sampling") and counts its calls, so NFE claims are checked against real calls.
 """
+import functools
 import math
 import sys
 from pathlib import Path
@@ -36,10 +37,11 @@ class FlowModelSampling(CONST):      # like ModelSamplingDiscreteFlow(..., CONST
 
 
 class FakeModel:
-    """model(x, sigma, **extra_args) -> exact D; counts calls (NFE) and the batch sizes it saw."""
+    """model(x, sigma, **extra_args) -> exact D of `mixture` (default GMM); counts calls (NFE) and batch sizes."""
 
-    def __init__(self, flow, output_dtype=None):
+    def __init__(self, flow, output_dtype=None, mixture=None):
         self.flow, self.output_dtype, self.calls, self.batch_sizes = flow, output_dtype, 0, []
+        self.mixture = mixture or GMM
         model_sampling = FlowModelSampling() if flow else VEModelSampling()
         patcher = type("Patcher", (), {"get_model_object": lambda self, name: model_sampling})()
         self.inner_model = type("Inner", (), {"model_patcher": patcher})()
@@ -48,7 +50,7 @@ class FakeModel:
         assert sigma.shape == (x.shape[0],)
         self.calls += 1
         self.batch_sizes.append(x.shape[0])
-        out = GMM.denoise(x, sigma, self.flow)
+        out = self.mixture.denoise(x, sigma, self.flow)
         return out.to(self.output_dtype) if self.output_dtype else out
 
 
@@ -147,6 +149,75 @@ def test_ab2_final_step_helps_few_step_flow():
     plain = flow.error(Q.SAMPLERS["dpmpp_3m"](FakeModel(True), flow.x, sigmas), True)
     ab2 = flow.error(Q.SAMPLERS["dpmpp_3m"](FakeModel(True), flow.x, sigmas, final_step="ab2"), True)
     assert ab2 < 0.8 * plain, (ab2, plain)
+
+
+# ---------------------------------------------------------------- few-step options ----------------------------------
+@functools.lru_cache(maxsize=None)
+def moved_mixture(flow):
+    """GMM with every component mean moved by +2 (a data mean far from 0), and its exact flow/EPS solutions."""
+    mixture = GaussianMixture(GMM.shape, 6, 0)
+    mixture.means += 2.0
+    family = FAMILIES["flow" if flow else "eps"]
+    return mixture, exact_ode_solution(mixture, family.x.double(), family.sigma_max, 0.0, flow=flow)
+
+
+def _run(family, name, steps, moved=False, **options):
+    """(error to the exact solution, model calls) of a sampler on the family's schedule of `steps` steps to 0, on
+    GMM or (moved=True) on `moved_mixture`."""
+    mixture, exact = moved_mixture(family.flow) if moved else (None, None)
+    model = FakeModel(family.flow, mixture=mixture)
+    out = Q.SAMPLERS[name](model, family.x, family.schedule(steps, to_zero=True), **options)
+    if not moved:
+        return family.error(out, True), model.calls
+    return (out.double() - exact).pow(2).mean().sqrt().item(), model.calls
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_unic", "dpmpp_2m"])
+def test_extrapolated_final_step_saves_the_last_call_on_eps(name):
+    """On an EPS schedule ending at sigma_min = 0.03 the call there is skipped: 6 steps for 5 calls beat 5 steps, and
+    cost little against 6 steps with 6 calls."""
+    eps = FAMILIES["eps"]
+    plain_5, calls_5 = _run(eps, name, 5)
+    plain_6, _ = _run(eps, name, 6)
+    extrapolated, calls = _run(eps, name, 6, final_step="extrapolate")
+    assert calls == calls_5 == 5
+    assert extrapolated < 0.6 * plain_5, (extrapolated, plain_5)
+    assert extrapolated < 1.5 * plain_6, (extrapolated, plain_6)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_unic", "dpmpp_2m", "ipndm_v"])
+def test_analytic_first_step_saves_the_first_call_on_flow(name):
+    """From flow sigma = 1 the first call is skipped: 6 steps for 5 calls beat 5 steps with 5 calls (both with the
+    AB2 final step); and the result does not hinge on a zero data mean (AFS's assumption): with every component
+    mean moved by +2 the error stays the same within 2%."""
+    flow = FAMILIES["flow"]
+    plain, plain_calls = _run(flow, name, 5, final_step="ab2")
+    analytic, calls = _run(flow, name, 6, first_step="analytic", final_step="ab2")
+    assert calls == plain_calls == 5
+    assert analytic < 0.95 * plain, (analytic, plain)
+    analytic_moved, _ = _run(flow, name, 6, moved=True, first_step="analytic", final_step="ab2")
+    assert analytic_moved == pytest.approx(analytic, rel=0.02)
+
+
+def test_fewstep_preset_skips_the_first_call_only_from_flow_sigma_one():
+    eps, flow = FAMILIES["eps"], FAMILIES["flow"]
+    error, calls = _run(flow, "dpmpp_2m_unic_fewstep", 6)
+    plain, _ = _run(flow, "dpmpp_2m_unic", 5)
+    assert calls == 5 and error < 0.75 * plain, (error, plain)
+    _, calls = _run(eps, "dpmpp_2m_unic_fewstep", 6)
+    assert calls == 6                                  # from SD's sigma_max = 14.6 the first call is kept
+    frame_eps, frame_flow = Q.Frame(False), Q.Frame(True)
+    assert Q.resolve_first_step("auto", frame_eps, [14.6, 1.0, 0.0]) == "model"
+    assert Q.resolve_first_step("auto", frame_flow, [1.0, 0.5, 0.0]) == "analytic"
+    assert Q.resolve_first_step("auto", frame_flow, [0.9, 0.5, 0.0]) == "model"      # img2img start
+    # both saves on a flow schedule ending small: 5 sigmas, 2 calls; one interval still makes its call
+    model = FakeModel(True)
+    out = Q.SAMPLERS["dpmpp_2m_unic_fewstep"](model, flow.x, torch.tensor([1.0, 0.8, 0.5, 0.003, 0.0]),
+                                              final_step="extrapolate")
+    assert model.calls == 2 and torch.isfinite(out).all()
+    model = FakeModel(True)
+    Q.SAMPLERS["dpmpp_2m_unic_fewstep"](model, flow.x, torch.tensor([1.0, 0.003, 0.0]), final_step="extrapolate")
+    assert model.calls == 1
 
 
 # ---------------------------------------------------------------- NFE claims -----------------------------------------
@@ -344,6 +415,8 @@ def test_validate_sigmas(sigmas, match):
     ("paradigms", {"window": 0}, "window"), ("paradigms", {"tolerance": -1.0}, "tolerance"),
     ("heun", {"s_churn": -1.0}, "s_churn"), ("restart", {"restart": {0.1: (10, 2, 0.05)}}, "t_max"),
     ("dpmpp_3m_unic", {"unic_order": 7}, "unic_order"), ("dpmpp_2m", {"final_step": "x"}, "final_step"),
+    ("unipc_bh2", {"first_step": "afs"}, "first_step .* got 'afs'"), ("ipndm_v", {"first_step": None}, "first_step"),
+    ("dpmpp_2m_unic_fewstep", {"final_step": "auto"}, "final_step .* got 'auto'"),
 ])
 def test_option_validation(name, options, match):
     with pytest.raises(ValueError, match=match):
