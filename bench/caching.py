@@ -96,7 +96,8 @@ DEEPER_DITS = {
 
 
 # Models too slow on a CPU for the whole sweep: the host caches at their defaults only, DeepCache at its defaults
-# and its interval swept (3, 4, default, 8); no calibrated policy, no forecaster comparison.
+# and its interval swept (3, 4, default, 8), and its default forecaster against plain reuse at the default interval;
+# no calibrated policy.
 SHORT_SWEEP = {"sd15-full-smooth"}
 
 
@@ -212,6 +213,8 @@ def configs(setup, steps, quick):
         if short:
             for n in (3, 4, 8):
                 out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
+            out.append(("forecaster", "DeepCache (default) reuse",
+                        ("QuickstepDeepCache", dict(deep, forecaster="reuse"))))
             return out
         for n in (2, 3, 4, 6, 8):
             out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
