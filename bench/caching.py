@@ -25,8 +25,12 @@ Per model: a speed-vs-PSNR curve per cache (its main knob swept), the largest co
 forecasters compared at equal compute (the same compute steps: uniform DeepCache interval, calibrated Block Cache).
 Block Cache's residual-probe threshold is swept with the node's default forecaster and with plain reuse.
 
+"sd15-full-smooth" (not in the default --models: about 15 min on a 2-core CPU at 20 steps): the host's full-size
+SD1.5 UNet (860M parameters), seeded random weights, its time embedding smoothed the same way, a 24x24 latent,
+batch 1, CFG 3, 77-token contexts; a short sweep (SHORT_SWEEP).
+
 usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12 flux12-smooth
-                                                   mmdit12-smooth] [--quick]
+                                                   mmdit12-smooth sd15-full-smooth] [--quick]
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from modelzoo import tiny_host
 from samplers.operators import ssim as image_ssim
 from testbed.host import HOST_DIR, PACK_DIR
 
@@ -56,7 +61,10 @@ class Setup:
 
 
 def build_setup(name, batch=2):
-    from modelzoo import mnist_unet, tiny_host
+    from modelzoo import mnist_unet
+    if name == "sd15-full-smooth":
+        # one model call takes seconds on a CPU: a 24x24 latent (192 px), batch 1, and a short sweep (SHORT_SWEEP)
+        return build_sd15_full(name, 24, 1, smooth=True)
     if name in ("digits", "digits-flow"):
         flow = name == "digits-flow"
         patcher = mnist_unet.load_mnist_model(prediction="flow" if flow else "eps")
@@ -85,6 +93,12 @@ DEEPER_DITS = {
     "mmdit12-smooth": ("mmdit", {"depth": 4, "num_blocks": 12, "context_embedder_config": {
         "target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}}, True),
 }
+
+
+# Models too slow on a CPU for the whole sweep: the host caches at their defaults only, DeepCache at its defaults
+# and its interval swept (3, 4, default, 8), and its default forecaster against plain reuse at the default interval;
+# no calibrated policy.
+SHORT_SWEEP = {"sd15-full-smooth"}
 
 
 def finite_buffers(patcher):
@@ -183,7 +197,8 @@ FORECASTERS = ("reuse", "taylor1", "taylor2", "chebyshev")
 
 def configs(setup, steps, quick):
     """[(cache family, label, spec)]: uncached, the host caches and Quickstep's, defaults first then sweeps."""
-    host_thresholds = (0.2,) if quick else (0.05, 0.1, 0.2, 0.4, 0.8)
+    short = setup.name in SHORT_SWEEP
+    host_thresholds = (0.2,) if quick or short else (0.05, 0.1, 0.2, 0.4, 0.8)
     out = [("uncached", "uncached", None)]
     for cache in ("EasyCache", "LazyCache"):
         base = dict(defaults(cache), verbose=False)
@@ -194,6 +209,12 @@ def configs(setup, steps, quick):
         deep = defaults("QuickstepDeepCache")
         out.append(("DeepCache", "DeepCache (default)", ("QuickstepDeepCache", deep)))
         if quick:
+            return out
+        if short:
+            for n in (3, 4, 8):
+                out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
+            out.append(("forecaster", "DeepCache (default) reuse",
+                        ("QuickstepDeepCache", dict(deep, forecaster="reuse"))))
             return out
         for n in (2, 3, 4, 6, 8):
             out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
@@ -256,27 +277,40 @@ def benchmark(model_name, steps, quick, log):
     return rows
 
 
-def sd15_partial_cost(size=64, log=print):
-    """FLOPs of a DeepCache partial call (branch 0) over a full call on the full-size SD1.5 UNet architecture
-    (860M parameters, random weights: FLOPs do not depend on them): 3 euler steps, full / partial / full, against
-    3 full ones. Slow on a CPU (minutes at 64x64)."""
+# The full-size SD1.5 UNet (860M parameters) in the host's own config for it: 320 channels, 4 levels, attention on
+# the first three, 768-wide context.
+SD15_FULL_UNET = dict(tiny_host._SD15_UNET, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                      channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                      transformer_depth_output=[1] * 9 + [0] * 3, use_linear_in_transformer=False,
+                      context_dim=768, num_heads=8)
+
+
+def build_sd15_full(name, size, batch, smooth):
+    """The full-size SD1.5 UNet with seeded random weights (tiny_host.seeded_init_) at a size x size latent, with
+    seeded 77-token contexts; `smooth`: its time embedding reads only slow sinusoids (as the smooth DiTs')."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
-    from modelzoo import tiny_host
-    cfg = dict(tiny_host._SD15_UNET, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-               transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
-               use_linear_in_transformer=False, context_dim=768, num_heads=8)
-    config = comfy.supported_models.SD15(cfg)
+    config = comfy.supported_models.SD15(dict(SD15_FULL_UNET))
     config.set_inference_dtype(torch.float32, None)
     dev = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=dev)
     tiny_host.seeded_init_(model.diffusion_model, 0)
+    if smooth:
+        tiny_host.smooth_time_embedding_(model.diffusion_model)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=dev)
     g = torch.Generator().manual_seed(0)
-    setup = Setup("sd15-full", patcher, "sd15", [[torch.randn(1, 77, 768, generator=g), {}]],
-                  [[torch.randn(1, 77, 768, generator=g), {}]], torch.zeros(1, 4, size, size), "normal", 3.0)
+    return Setup(name, patcher, "sd15", [[torch.randn(1, 77, 768, generator=g), {}]],
+                 [[torch.randn(1, 77, 768, generator=g), {}]], torch.zeros(batch, 4, size, size), "normal", 3.0)
+
+
+def sd15_partial_cost(size=64, log=print):
+    """FLOPs of a DeepCache partial call (branch 0) over a full call on the full-size SD1.5 UNet architecture
+    (860M parameters, random weights: FLOPs do not depend on them): 3 euler steps, full / partial / full, against
+    3 full ones. Slow on a CPU (minutes at 64x64)."""
+    setup = build_sd15_full("sd15-full", size, 1, smooth=False)
+    patcher = setup.patcher
     full = sample(setup, patcher, 3, count_flops=True)[2] / 3
     cached = apply(patcher, ("QuickstepDeepCache", dict(defaults("QuickstepDeepCache"), interval=2,
                                                         start_percent=0.0)))

@@ -50,22 +50,25 @@ def seeded_init_(module, seed):
 
 
 def time_embedding_input(dm):
-    """The linear layer that reads the host's 256-wide sinusoidal timestep embedding in a Flux (time_in.in_layer)
-    or an MMDiT (t_embedder.mlp[0]). Both embed 1000 * sigma: Flux's timestep is sigma with a time factor of 1000,
-    MMDiT's model sampling multiplies sigma by 1000; both lay the embedding out as [cos, sin] with max period 10000."""
+    """The linear layer that reads the host's sinusoidal timestep embedding: a Flux's time_in.in_layer (256 wide,
+    of 1000 * sigma: Flux's time factor), an MMDiT's t_embedder.mlp[0] (256 wide, of 1000 * sigma: its model
+    sampling's multiplier) or a UNet's time_embed[0] (model_channels wide, of the discrete timestep, 999 to 0). All
+    three lay the embedding out as [cos, sin] with max period 10000, over a timestep that spans about 1000."""
     if hasattr(dm, "time_in"):
         return dm.time_in.in_layer
     if hasattr(dm, "t_embedder"):
         return dm.t_embedder.mlp[0]
-    raise ValueError(f"{type(dm).__name__} has no Flux- or MMDiT-style timestep embedder")
+    if hasattr(dm, "time_embed"):
+        return dm.time_embed[0]
+    raise ValueError(f"{type(dm).__name__} has no Flux-, MMDiT- or UNet-style timestep embedder")
 
 
 def smooth_time_embedding_(dm, cycles=0.5):
-    """Make a seeded Flux's or MMDiT's output vary smoothly with sigma, as a trained one's does: its time embedding
-    reads only the sinusoids of the host's timestep embedding (256 wide, of 1000 * sigma) that turn at most `cycles`
-    times while sigma goes from 1 to 0. Seeded weights read every frequency, the fastest of which turns about 160
-    times, so the output of a random model jumps between neighbouring steps. The kept columns are rescaled to keep
-    the embedding's variance."""
+    """Make a seeded Flux's, MMDiT's or UNet's output vary smoothly with sigma, as a trained one's does: its time
+    embedding reads only the sinusoids of the host's timestep embedding that turn at most `cycles` times while the
+    timestep crosses its range of about 1000 (sigma from 1 to 0 for the DiTs, timestep 999 to 0 for the UNet).
+    Seeded weights read every frequency, the fastest of which turns about 160 times, so the output of a random model
+    jumps between neighbouring steps. The kept columns are rescaled to keep the embedding's variance."""
     layer = time_embedding_input(dm)
     half = layer.weight.shape[1] // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)

@@ -569,19 +569,26 @@ def test_cache_under_torch_compile_of_the_diffusion_model(inproc):
         assert (out - reference).abs().max().item() <= 1e-5, arch
 
 
-def test_smooth_time_embedding_makes_flux_and_mmdit_smooth_in_sigma(inproc):
-    """The benchmark's smooth DiTs: one helper restricts both the Flux and the MMDiT timestep embedder to slow
-    sinusoids (both embed 1000 * sigma the same way). Through the host's own embedders, on a 24-step grid in sigma,
+def test_smooth_time_embedding_makes_flux_mmdit_and_unet_smooth_in_time(inproc):
+    """The benchmark's smooth models: one helper restricts the Flux, the MMDiT and the SD1.5 UNet timestep embedder
+    to slow sinusoids (all three embed a timestep spanning about 1000 the same way: the DiTs 1000 * sigma, the UNet
+    its discrete timestep 999..0). Through the host's own embedders, on a 25-point grid over the timestep's range,
     the largest second difference drops from more than half the embedding's range to under 2% of it, and the
     embedding keeps its scale."""
     import comfy.ldm.flux.layers
     import comfy.ldm.flux.model
+    import comfy.ldm.modules.diffusionmodules.openaimodel
+    import comfy.ldm.modules.diffusionmodules.util
     from modelzoo import tiny_host
     sigmas = torch.linspace(1, 0, 25)
 
     def embedding(patcher):
-        dm, t = patcher.model.diffusion_model, patcher.get_model_object("model_sampling").timestep(sigmas)
+        dm = patcher.model.diffusion_model
         with torch.no_grad():
+            if isinstance(dm, comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel):
+                t = torch.linspace(999, 0, 25)
+                return dm.time_embed(comfy.ldm.modules.diffusionmodules.util.timestep_embedding(t, dm.model_channels))
+            t = patcher.get_model_object("model_sampling").timestep(sigmas)
             if isinstance(dm, comfy.ldm.flux.model.Flux):
                 return dm.time_in(comfy.ldm.flux.layers.timestep_embedding(t, 256))
             return dm.t_embedder(t, dtype=torch.float32)
@@ -589,10 +596,10 @@ def test_smooth_time_embedding_makes_flux_and_mmdit_smooth_in_sigma(inproc):
     def roughness(e):
         return float((e[2:] - 2 * e[1:-1] + e[:-2]).abs().amax() / (e.amax(0) - e.amin(0)).amax())
 
-    for arch in ("flux", "mmdit"):
+    for arch in ("flux", "mmdit", "sd15"):
         patcher = tiny_host.build_tiny(arch, 0)
         before = embedding(patcher)
         tiny_host.smooth_time_embedding_(patcher.model.diffusion_model)
         after = embedding(patcher)
         assert roughness(before) > 0.5 and roughness(after) < 0.02, (arch, roughness(before), roughness(after))
-        assert 0.8 < float(after.std() / before.std()) < 1.25, arch
+        assert 0.8 < float(after.std() / before.std()) < 1.25, (arch, float(after.std() / before.std()))
