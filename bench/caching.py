@@ -83,15 +83,15 @@ def build_setup(name, batch=2):
 # name -> (architecture, config overrides of its tiny model, smooth time dependence). MMDiT's width is 64 * depth:
 # the context embedder must follow. Smooth: the time embedding reads only slow sinusoids
 # (tiny_host.smooth_time_embedding_), so the output varies smoothly with sigma as a trained model's does.
+MMDIT_256_CONTEXT = {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}
 DEEPER_DITS = {
-    "mmdit4": ("mmdit", {"depth": 4, "context_embedder_config": {
-        "target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}}, False),
+    "mmdit4": ("mmdit", {"depth": 4, "context_embedder_config": MMDIT_256_CONTEXT}, False),
     "flux12": ("flux", {"depth": 4, "depth_single_blocks": 8}, False),
     "flux12-smooth": ("flux", {"depth": 4, "depth_single_blocks": 8}, True),
     # the MMDiT counterpart: mmdit4's width (depth 4: 256 wide, 4 heads) with 12 joint blocks (num_blocks), as many
     # as flux12 has, so a cache can keep front and back blocks live and still skip most of the model
-    "mmdit12-smooth": ("mmdit", {"depth": 4, "num_blocks": 12, "context_embedder_config": {
-        "target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}}}, True),
+    "mmdit12-smooth": ("mmdit", {"depth": 4, "num_blocks": 12, "context_embedder_config": MMDIT_256_CONTEXT},
+                       True),
 }
 
 
@@ -277,29 +277,19 @@ def benchmark(model_name, steps, quick, log):
     return rows
 
 
-# The full-size SD1.5 UNet (860M parameters) in the host's own config for it: 320 channels, 4 levels, attention on
-# the first three, 768-wide context.
-SD15_FULL_UNET = dict(tiny_host._SD15_UNET, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                      channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                      transformer_depth_output=[1] * 9 + [0] * 3, use_linear_in_transformer=False,
-                      context_dim=768, num_heads=8)
+# The full-size SD1.5 UNet (860M parameters) as overrides of the tiny sd15 config: 320 channels, 4 levels,
+# attention on the first three, 768-wide context.
+SD15_FULL_UNET = dict(model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                      use_linear_in_transformer=False, context_dim=768, num_heads=8)
 
 
 def build_sd15_full(name, size, batch, smooth):
     """The full-size SD1.5 UNet with seeded random weights (tiny_host.seeded_init_) at a size x size latent, with
     seeded 77-token contexts; `smooth`: its time embedding reads only slow sinusoids (as the smooth DiTs')."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    config = comfy.supported_models.SD15(dict(SD15_FULL_UNET))
-    config.set_inference_dtype(torch.float32, None)
-    dev = comfy.model_management.unet_offload_device()
-    model = config.get_model({}, device=dev)
-    tiny_host.seeded_init_(model.diffusion_model, 0)
+    patcher = tiny_host.build_tiny("sd15", 0, **SD15_FULL_UNET)
     if smooth:
-        tiny_host.smooth_time_embedding_(model.diffusion_model)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=dev)
+        tiny_host.smooth_time_embedding_(patcher.model.diffusion_model)
     g = torch.Generator().manual_seed(0)
     return Setup(name, patcher, "sd15", [[torch.randn(1, 77, 768, generator=g), {}]],
                  [[torch.randn(1, 77, 768, generator=g), {}]], torch.zeros(batch, 4, size, size), "normal", 3.0)

@@ -257,9 +257,9 @@ class QuickstepRestorationSampler(io.ComfyNode):
                         "JPEG); reddiff: RED-diff (Adam on the image with the model as a regulariser). Per step: "
                         "ddnm / diffpir / repaint / reddiff one model call without a model gradient; pigdm / dps one "
                         "model call plus one backward pass (about 3x the time, activations of one step in memory). "
-                        "Use with "
-                        "SamplerCustom; for CCDF give the pseudo-inverse latent as latent_image and a scheduler with "
-                        "denoise < 1. NaN/inf during sampling stops the run with an error naming the step.",
+                        "Use with SamplerCustom; for CCDF give the pseudo-inverse latent as latent_image and a "
+                        "scheduler with denoise < 1. NaN/inf during sampling stops the run with an error naming the "
+                        "step.",
             inputs=[Operator.Input("operator", tooltip="The degradation the measurement went through."),
                     io.Latent.Input("measurement", optional=True,
                                     tooltip="The measured (degraded) latent y (operator on the latent: no VAE)."),

@@ -113,20 +113,20 @@ def run_multistep(run, predict, max_order, lower_order_final, corrector=None, fi
     frame = frame_of(run.denoiser.model)
     sigmas, x, x_before = run.sigmas, run.x, None
     analytic_start = resolve_first_step(first_step, frame, sigmas) == "analytic" and sigmas[1] > 0.0
+    if analytic_start:
+        first_ratio, first_weight = frame.finite_for(sigmas[:1]).first_order(sigmas[0], sigmas[1])
     history = History()
     for i in run.steps():
         if i == 0 and analytic_start:
             x_before = x
-            ratio, _ = frame.finite_for(sigmas[:1]).first_order(sigmas[0], sigmas[1])
-            x = x * ratio                                       # the first-order step with D = 0
+            x = x * first_ratio                                 # the first-order step with D = 0
             continue
         if sigmas[i + 1] == 0.0 and final_step == "extrapolate" and len(history) > 0:
             x = combine(1.0, x, adams_weights(sigmas[i], 0.0, history.sigmas[:2]), history.directions)
             continue
         denoised, direction = run.denoiser.d(x, sigmas[i])
         if i == 1 and analytic_start:
-            ratio, weight = frame.finite_for(sigmas[:1]).first_order(sigmas[0], sigmas[1])
-            x = ratio * x_before + weight * denoised
+            x = first_ratio * x_before + first_weight * denoised
             direction = (x - denoised) / sigmas[i]
         elif corrector is not None and i > 0:
             # the output at the predicted point corrects that point; it stays the history value (UniPC design)
