@@ -299,7 +299,8 @@ def _run_optimizer(method, solver, steps, teacher_steps, denoise_fn, x_start, mo
                                         progress=progress)
         if method == "gits":
             return schedules.gits_sigmas(denoise_fn, x_start, grid, steps, flow=flow, progress=progress)
-        return schedules.ays_sigmas(denoise_fn, x_start, grid, steps, flow=flow, seed=seed, progress=progress)
+        # The KL bound's weight diverges at sigma = 0: AYS picks nodes down to sigma_min and appends the 0 itself.
+        return schedules.ays_sigmas(denoise_fn, x_start, grid[:-1], steps, flow=flow, seed=seed, progress=progress)
 
 
 def stock_schedules(model_sampling, steps):

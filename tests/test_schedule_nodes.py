@@ -55,6 +55,39 @@ def test_ld3_node_beats_best_builtin_schedule_at_5_nfe(inproc, family, fresh_sch
     assert len(cached) == 1 and json.loads(cached[0].read_text())["sigmas"] == sigmas.tolist()
 
 
+@pytest.mark.parametrize("family", ["eps", "flow"])
+@pytest.mark.parametrize("method", ["oss", "gits", "ays"])
+def test_grid_optimizers_run_from_a_graph_as_the_library_computes_them(inproc, family, method,
+                                                                      fresh_schedule_cache):
+    """The node hands the library the model's own denoiser and start states: on the oracle (CFG 1) its schedule is
+    the one the library computes from the exact denoiser, and both a host and a Quickstep sampler run on it, the
+    second time from the cache."""
+    import comfy.sample
+    import comfy.samplers
+    from samplers import schedules
+    node = _optimize_node(method, 5)
+    result = inproc.run(oracle_sampling_graph(family, "dpmpp_2m", 5, seed=3, batch=4, sigmas_node=node))
+    sigmas = inproc.output(result, "sigmas")
+    patcher = inproc.output(result, "model")
+    model_sampling, gmm, flow = patcher.model.model_sampling, patcher.model.diffusion_model.gmm, family == "flow"
+    noise = comfy.sample.prepare_noise(torch.zeros(16, 4, 8, 8), 11)
+    x_start = model_sampling.noise_scaling(model_sampling.sigma_max, noise, torch.zeros_like(noise),
+                                           max_denoise=True)
+    grid = comfy.samplers.calculate_sigmas(model_sampling, "simple" if flow else "karras", 60).double()
+    denoise = lambda x, sigma: gmm.denoise(x, sigma, flow)   # noqa: E731
+    expected, info = {"oss": lambda: schedules.oss_sigmas(denoise, x_start, grid, 5, "dpmpp_2m", flow=flow),
+                      "gits": lambda: schedules.gits_sigmas(denoise, x_start, grid, 5, flow=flow),
+                      "ays": lambda: schedules.ays_sigmas(denoise, x_start, grid[:-1], 5, flow=flow, seed=11)}[method]()
+    assert info["objective_after"] < info["objective_before"]
+    assert torch.equal(sigmas, expected), (sigmas, expected)
+    assert float(sigmas[0]) == pytest.approx(float(model_sampling.sigma_max), rel=1e-6)
+    assert torch.isfinite(inproc.output(result, "out")["samples"]).all()
+    again = inproc.run(oracle_sampling_graph(family, "qs_unipc_bh2", 5, seed=3, batch=4, sigmas_node=node))
+    assert torch.equal(inproc.output(again, "sigmas"), sigmas)
+    assert torch.isfinite(inproc.output(again, "out")["samples"]).all()
+    assert len(list(fresh_schedule_cache.glob("*.json"))) == 1
+
+
 def test_dmn_is_in_the_stock_scheduler_list_and_runs(inproc):
     result = inproc.run(oracle_sampling_graph("eps", "dpmpp_2m", 6, scheduler="qs_dmn"))
     sigmas = inproc.output(result, "sigmas")
@@ -71,8 +104,6 @@ def test_save_load_round_trip_is_exact_and_checks_the_model(inproc):
              "load": {"class_type": "QuickstepLoadSchedule",
                       "inputs": {"model": ["model", 0], "name": "qs_test_roundtrip", "force": False}},
              "keep": sink("load")}
-    graph["load"]["inputs"]["after"] = None
-    del graph["load"]["inputs"]["after"]
     inproc.run({k: v for k, v in graph.items() if k != "load" and k != "keep"} | {"keep": sink("save")})
     result = inproc.run(graph)
     assert torch.equal(inproc.output(result, "load"), inproc.output(result, "text"))
