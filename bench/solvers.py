@@ -9,6 +9,7 @@ flow families (error against the exact ODE solution), and the trained digit mode
 usage: python -m bench.solvers [--nfe 3 4 5 6 8 10] [--samples 16] [--families eps v flow digits digits-flow]
                               [--samplers ...]
 Writes bench/results/solvers.json and prints a markdown table with each sampler's ratio to the best host built-in.
+Schedules optimized for the model (LD3, OSS, ...) are compared in bench.schedules.
 """
 import argparse
 import json
@@ -170,39 +171,6 @@ def benchmark(case, samplers, schedulers, budgets, log):
     return table
 
 
-def pack_module(base, name):
-    """A module of the pack as the host loaded it (custom node folders get path-derived module names)."""
-    import sys
-    return sys.modules[str(base / "custom_nodes" / "quickstep").replace(".", "_x_") + "." + name]
-
-
-def ld3_rows(case, base, budgets, log, trajectories, samplers=("qs_dpmpp_2m", "qs_dpmpp_2m_unic", "qs_unipc_bh2")):
-    """Each sampler on a schedule LD3 optimized for this model and NFE (DPM-Solver++(2M) student, derivative-free
-    search from the best of the host's schedules, `trajectories` training noises of another seed than the evaluation
-    noises), exactly as the node computes it."""
-    nodes_schedules = pack_module(base, "nodes.schedules")
-    rows = {f"{s}+ld3": {} for s in samplers}
-    flow = nodes_schedules.is_flow(case.model.get_model_object("model_sampling"))
-    latent = {"samples": torch.zeros_like(case.noise[:1]) if case.latent is None else case.latent}
-    for nfe in budgets:
-        if nfe < 3:   # a 2M student needs 3 steps
-            for row in rows.values():
-                row[nfe] = None
-            continue
-
-        def optimize(denoise_fn, x_start, model_sampling):
-            return nodes_schedules._run_optimizer("ld3", "dpmpp_2m", nfe, 60, denoise_fn, x_start, model_sampling,
-                                                  flow, 99, None)
-        sigmas, info = nodes_schedules.optimize_in_host(case.model, case.positive, case.negative, case.cfg, latent,
-                                                        trajectories, 99, optimize)
-        for sampler_name in samplers:
-            err, calls = case.error(sampler_name, sigmas)
-            rows[f"{sampler_name}+ld3"][nfe] = {"error": err, "scheduler": "ld3", "steps": nfe, "nfe": calls,
-                                                "optimize_s": info["wall_time_s"]}
-        log(f"  {case.name} ld3 nfe={nfe}: " + ", ".join(f"{k}={v[nfe]['error']:.4f}" for k, v in rows.items()))
-    return rows
-
-
 def markdown(case_name, table, budgets):
     host = [s for s in table if not s.startswith("qs_")]
     lines = [f"### {case_name}", "", "| sampler | " + " | ".join(f"{n} NFE" for n in budgets) + " |",
@@ -224,8 +192,6 @@ def main(argv=None):
     parser.add_argument("--families", nargs="+", default=["eps", "v", "flow", "digits", "digits-flow"])
     parser.add_argument("--samplers", nargs="+", default=None, help="default: host ODE samplers + every qs_ sampler")
     parser.add_argument("--schedulers", nargs="+", default=None, help="default: the host's scheduler list")
-    parser.add_argument("--no-ld3", action="store_true", help="skip the LD3-optimized schedule rows")
-    parser.add_argument("--ld3-trajectories", type=int, default=32, help="LD3 training noises (the node's default)")
     parser.add_argument("--out", default=str(RESULTS / "solvers.json"))
     args = parser.parse_args(argv)
 
@@ -248,8 +214,6 @@ def main(argv=None):
             print(f"skipping {family}: no trained weights")
             continue
         results[case.name] = benchmark(case, samplers, schedulers, args.nfe, print)
-        if not args.no_ld3:
-            results[case.name].update(ld3_rows(case, base, args.nfe, print, args.ld3_trajectories))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"nfe": args.nfe, "samples": args.samples, "results": results,
