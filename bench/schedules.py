@@ -12,7 +12,7 @@ Rows per NFE budget:
   optimization's wall time.
 
 usage: python -m bench.schedules [--families eps flow digits digits-flow] [--nfe 4 5 6] [--samples 64]
-                                [--sampler qs_dpmpp_2m] [--trajectories 32]
+                                [--sampler qs_dpmpp_2m] [--trajectories 32] [--methods ld3 oss gits ays]
 Writes bench/results/schedules.json and prints one markdown table per model.
 """
 import argparse
@@ -82,7 +82,7 @@ def optimized(case, base, method, steps, trajectories, seed=99):
                                             trajectories, seed, optimize)
 
 
-def benchmark(case, base, sampler_name, budgets, trajectories, log):
+def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTIMIZERS):
     """{nfe: {row name: {"error", "ratio", "optimize_s"?}}}"""
     model_sampling = case.model.get_model_object("model_sampling")
     flow = pack_module(base, "nodes.schedules").is_flow(model_sampling)
@@ -96,11 +96,13 @@ def benchmark(case, base, sampler_name, budgets, trajectories, log):
             rows[name] = {"error": case.error(sampler_name, sigmas)[0]}
             if float(sigmas[0]) < 0.999 * float(model_sampling.sigma_max):   # an easier problem: say so
                 rows[name]["note"] = f"starts at {float(sigmas[0]):.4g}"
-        for method in OPTIMIZERS:
+        for method in methods:
             t0 = time.perf_counter()
             sigmas, info = optimized(case, base, method, nfe, trajectories)
             rows[method] = {"error": case.error(sampler_name, sigmas)[0], "optimize_s": time.perf_counter() - t0,
                             "sigmas": [round(float(s), 5) for s in sigmas]}
+            log(f"  {case.name} nfe={nfe} {method}: {rows[method]['error']:.4f} "
+                f"(stock {stock['error']:.4f}), {rows[method]['optimize_s']:.0f} s")
         for row in rows.values():
             row["ratio"] = row["error"] / stock["error"]
         table[nfe] = rows
@@ -140,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--sampler", default="qs_dpmpp_2m")
     parser.add_argument("--trajectories", type=int, default=32, help="training noises (the node's default)")
+    parser.add_argument("--methods", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     parser.add_argument("--out", default=str(RESULTS / "schedules.json"))
     args = parser.parse_args(argv)
 
@@ -157,7 +160,7 @@ def main(argv=None):
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue
-        results[case.name] = benchmark(case, base, args.sampler, args.nfe, args.trajectories, print)
+        results[case.name] = benchmark(case, base, args.sampler, args.nfe, args.trajectories, print, args.methods)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"sampler": args.sampler, "samples": args.samples, "trajectories": args.trajectories,
