@@ -129,3 +129,24 @@ def test_bad_schedule_text_names_node_and_value(inproc, text, problem):
     assert result.status == "error"
     message = result.error()["exception_message"]
     assert "Sigmas From Text" in message and problem in message
+
+
+@pytest.mark.parametrize("content,problem", [('{"format": "quickstep-schedule/1", "sigmas": [14.6, 3.1', "unreadable"),
+                                             ('{"format": "other/1", "sigmas": [1, 0]}', "format"),
+                                             ('{"format": "quickstep-schedule/1", "sigmas": [1, "x", 0]}', "unreadable"),
+                                             ('{"format": "quickstep-schedule/1", "sigmas": [1, 2, 0]}',
+                                              "strictly decreasing")])
+def test_corrupt_schedule_file_is_refused_naming_node_and_file(inproc, host_base, content, problem):
+    folder = host_base / "models" / "quickstep_schedules"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qs_test_corrupt.json").write_text(content)
+    graph = {"model": {"class_type": "QuickstepTestOracle", "inputs": {"family": "eps", "mixture_seed": 0}},
+             "load": {"class_type": "QuickstepLoadSchedule",
+                      "inputs": {"model": ["model", 0], "name": "qs_test_corrupt", "force": True}},
+             "keep": sink("load")}
+    result = inproc.run(graph, check=False)
+    assert result.status == "error"
+    message = result.error()["exception_message"]
+    assert "Load Schedule" in message and problem in message
+    if problem != "strictly decreasing":
+        assert "qs_test_corrupt.json" in message
