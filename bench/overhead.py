@@ -44,7 +44,7 @@ def main(argv=None):
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", args.steps)
     names = args.samplers or ["euler", "dpmpp_2m", "uni_pc_bh2"] + [
         s for s in comfy.samplers.KSampler.SAMPLERS if s.startswith("qs_") and s != "qs_paradigms"]
-    print(f"| sampler | model calls | time per call (ms) | overhead per step (ms) | overhead / call |")
+    print("| sampler | model calls | time per call (ms) | overhead per step (ms) | overhead / call |")
     print("|---|---|---|---|---|")
     for name in names:
         best = None

@@ -17,14 +17,12 @@ Writes bench/results/schedules.json and prints one markdown table per model.
 """
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
 import torch
 
-from bench.solvers import RESULTS, digits_case, oracle_case, schedule
-from testbed.host import HOST_DIR
+from bench.solvers import RESULTS, family_case, schedule, start_host
 
 OPTIMIZERS = ("ld3", "oss", "gits", "ays")
 
@@ -146,17 +144,10 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "schedules.json"))
     args = parser.parse_args(argv)
 
-    from testbed.inproc import InProcessHost
-    logging.disable(logging.WARNING)
-    base = HOST_DIR / "benchbase"
-    InProcessHost(base)
-    torch.set_grad_enabled(False)
+    base = start_host()
     results, t0 = {}, time.time()
     for family in args.families:
-        if family.startswith("digits"):
-            case = digits_case(args.samples, "flow" if family == "digits-flow" else "eps")
-        else:
-            case = oracle_case(family, args.samples)
+        case = family_case(family, args.samples)
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue

@@ -141,6 +141,24 @@ def digits_case(samples, prediction="eps"):
                 latent=mnist_unet.empty_latent(1))
 
 
+def start_host():
+    """Loads the host and the pack in this process (registers the qs_ samplers); returns the host's base folder."""
+    from testbed.inproc import InProcessHost
+    logging.disable(logging.WARNING)          # the host's start-up warnings (torchaudio absent) are not ours
+    base = HOST_DIR / "benchbase"
+    InProcessHost(base)
+    torch.set_grad_enabled(False)
+    return base
+
+
+def family_case(family, samples):
+    """The benchmark case of a --families entry: the oracle's "eps" / "v" / "flow", or "digits" / "digits-flow"
+    (None when the trained weights are absent)."""
+    if family.startswith("digits"):
+        return digits_case(samples, "flow" if family == "digits-flow" else "eps")
+    return oracle_case(family, samples)
+
+
 def benchmark(case, samplers, schedulers, budgets, log):
     """{sampler: {nfe: {"error", "scheduler", "steps", "nfe"}}} with each sampler's best scheduler per budget."""
     one = {"noise": case.noise[:1]}
@@ -195,21 +213,14 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "solvers.json"))
     args = parser.parse_args(argv)
 
-    from testbed.inproc import InProcessHost
-    logging.disable(logging.WARNING)          # the host's start-up warnings (torchaudio absent) are not ours
-    base = HOST_DIR / "benchbase"
-    InProcessHost(base)                       # loads the host and the pack (registers the qs_ samplers)
-    torch.set_grad_enabled(False)
+    start_host()
     import comfy.samplers
     samplers = args.samplers or [*HOST_ODE_SAMPLERS, *(s for s in comfy.samplers.KSampler.SAMPLERS
                                                        if s.startswith("qs_"))]
     schedulers = args.schedulers or list(comfy.samplers.SCHEDULER_NAMES)
     results, t0 = {}, time.time()
     for family in args.families:
-        if family.startswith("digits"):
-            case = digits_case(args.samples, "flow" if family == "digits-flow" else "eps")
-        else:
-            case = oracle_case(family, args.samples)
+        case = family_case(family, args.samples)
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue

@@ -8,7 +8,6 @@ import torch
 
 from graphs import oracle_sampling_graph, sink
 from modelzoo.gmm import exact_ode_solution
-from testbed.inproc import ValidationFailed
 
 
 def _error(inproc, result):
