@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .common import Run, check_choice, check_float, check_int, step_order
-from .frame import VE_FRAME, frame_of
+from .frame import frame_of
 
 _HISTORY_KEPT = 4                 # highest multistep order of any sampler here (iPNDM order 4)
 _GAUSS_LEGENDRE = np.polynomial.legendre.leggauss(8)   # exact for the degree <= 3 Adams polynomials in sigma

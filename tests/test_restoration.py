@@ -2,7 +2,6 @@
 the real host on held-out real MNIST digits with the embedded digit model (x4 super-resolution, 50% box inpainting,
 deblurring, CCDF, PiGDM / DPS / RED-diff with gradients through host weights loaded under inference mode), latent
 restoration through the real TAESD decoder on real photos, and the bad-input errors."""
-import math
 
 import pytest
 import torch

@@ -109,7 +109,6 @@ def check_against_object_info(api, object_info, user_files_allowed):
 def test_files(host_base, inproc):
     """The input photo for LoadImage and a seeded TAESD3 (the SD3 workflow's decoder) in the test base."""
     import numpy as np
-    import torch
     from PIL import Image
     from safetensors.torch import save_file
 
