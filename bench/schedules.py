@@ -81,13 +81,13 @@ def optimized(case, base, method, steps, trajectories, seed=99):
 
 
 def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTIMIZERS):
-    """{nfe: {row name: {"error", "ratio", "optimize_s"?}}}"""
+    """{nfe: {row name: {"error", "ratio", "schedule" (best stock) / "optimize_s" and "sigmas" (optimizers)}}}"""
     model_sampling = case.model.get_model_object("model_sampling")
     flow = pack_module(base, "nodes.schedules").is_flow(model_sampling)
     table = {}
     for nfe in budgets:
         stock = best_stock(case, sampler_name, nfe)
-        rows = {f"best stock ({stock['schedule']})": {"error": stock["error"]}}
+        rows = {"best stock": stock}
         candidates = dict(host_tables(model_sampling, flow, nfe))
         candidates["qs_dmn"] = schedule(case.model, "qs_dmn", nfe)
         for name, sigmas in candidates.items():
@@ -114,11 +114,10 @@ def markdown(case_name, table, sampler_name, samples):
              "|---|" + "---|" * len(table)]
     names = []
     for rows in table.values():
-        names += [n for n in rows if n not in names and not n.startswith("best stock")]
-    stock = " / ".join(next(n for n in rows if n.startswith("best stock"))[12:-1] for rows in table.values())
-    lines.append(f"| best stock ({stock}) | " + " | ".join(
-        f"{next(v for n, v in rows.items() if n.startswith('best stock'))['error']:.4f}" for rows in table.values())
-        + " |")
+        names += [n for n in rows if n not in names and n != "best stock"]
+    stock_names = " / ".join(rows["best stock"]["schedule"] for rows in table.values())
+    lines.append(f"| best stock ({stock_names}) | "
+                 + " | ".join(f"{rows['best stock']['error']:.4f}" for rows in table.values()) + " |")
     for name in names:
         cells = []
         for rows in table.values():
