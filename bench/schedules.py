@@ -13,6 +13,7 @@ Rows per NFE budget:
 
 usage: python -m bench.schedules [--families eps flow digits digits-flow] [--nfe 4 5 6] [--samples 64]
                                 [--sampler qs_dpmpp_2m] [--trajectories 32] [--methods ld3 oss gits ays]
+                                [--reference-steps 500]
 Writes bench/results/schedules.json and prints one markdown table per model.
 """
 import argparse
@@ -140,13 +141,14 @@ def main(argv=None):
     parser.add_argument("--sampler", default="qs_dpmpp_2m")
     parser.add_argument("--trajectories", type=int, default=32, help="training noises (the node's default)")
     parser.add_argument("--methods", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    parser.add_argument("--reference-steps", type=int, default=500, help="the digit models' 2M reference steps")
     parser.add_argument("--out", default=str(RESULTS / "schedules.json"))
     args = parser.parse_args(argv)
 
     base = start_host()
     results, t0 = {}, time.time()
     for family in args.families:
-        case = family_case(family, args.samples)
+        case = family_case(family, args.samples, args.reference_steps)
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue

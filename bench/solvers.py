@@ -120,7 +120,7 @@ def oracle_case(family, samples):
     return Case(f"oracle-{family}", model, cond, cond, 1.0, noise, reference)
 
 
-def digits_case(samples, prediction="eps"):
+def digits_case(samples, prediction="eps", reference_steps=500):
     from modelzoo import mnist_unet
     import comfy.sample
     path = mnist_unet.weights_path(prediction)
@@ -132,8 +132,11 @@ def digits_case(samples, prediction="eps"):
     positive, negative = mnist_unet.digit_conditioning(digits), mnist_unet.unconditional_conditioning(samples)
 
     def reference(case, sigmas):
-        ref_sigmas = torch.cat([torch.exp(torch.linspace(math.log(float(sigmas[0])),
-                                                         math.log(float(sigmas[-2])), 500)), sigmas[-1:]])
+        # Down to the model's own sigma_min whatever the evaluated schedule's last sigma: the reference is cached per
+        # start sigma and must not favour the schedule that happened to be evaluated first.
+        sigma_min = float(model.get_model_object("model_sampling").sigma_min)
+        ref_sigmas = torch.cat([torch.exp(torch.linspace(math.log(float(sigmas[0])), math.log(sigma_min),
+                                                         reference_steps)), sigmas.new_zeros(1)])
         out, _ = run_sampler(model, "dpmpp_2m", ref_sigmas, case.noise, case.positive, case.negative, case.cfg,
                              case.latent)
         return out
@@ -151,11 +154,11 @@ def start_host():
     return base
 
 
-def family_case(family, samples):
+def family_case(family, samples, reference_steps=500):
     """The benchmark case of a --families entry: the oracle's "eps" / "v" / "flow", or "digits" / "digits-flow"
-    (None when the trained weights are absent)."""
+    (None when the trained weights are absent); `reference_steps`: the digit models' DPM-Solver++(2M) reference."""
     if family.startswith("digits"):
-        return digits_case(samples, "flow" if family == "digits-flow" else "eps")
+        return digits_case(samples, "flow" if family == "digits-flow" else "eps", reference_steps)
     return oracle_case(family, samples)
 
 
