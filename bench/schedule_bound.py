@@ -59,9 +59,7 @@ def main(argv=None):
     for nfe in args.nfe:
         stock = (schedules.flow_shift_sigmas(nfe, 3.0) if flow
                  else schedules.karras_sigmas(nfe, sigma_min, sigma_max))
-        logs = torch.log(stock[:-1].clamp(min=sigma_min * (1 + 1e-6)))
-        increments = torch.cat([logs[:-1] - logs[1:], (logs[-1] - log_lo).reshape(1)]).clamp(min=1e-6)
-        xi0 = torch.log(increments / increments.sum()).numpy()
+        xi0 = schedules._ld3_parameters(stock[:-1], sigma_max, sigma_min).numpy()
 
         def objective(xi):
             err = errors(*train, schedules._ld3_schedule(torch.as_tensor(xi), log_hi, log_lo))

@@ -68,10 +68,8 @@ def best_stock(case, sampler_name, steps):
     return best
 
 
-def optimized(case, base, method, steps, trajectories, seed=99):
+def optimized(nodes_schedules, case, flow, method, steps, trajectories, seed=99):
     """The schedule the Optimize Steps node computes for this case's model, conditioning and CFG, and its info."""
-    nodes_schedules = pack_module(base, "nodes.schedules")
-    flow = nodes_schedules.is_flow(case.model.get_model_object("model_sampling"))
     latent = {"samples": torch.zeros_like(case.noise[:1]) if case.latent is None else case.latent}
 
     def optimize(denoise_fn, x_start, model_sampling):
@@ -84,7 +82,8 @@ def optimized(case, base, method, steps, trajectories, seed=99):
 def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTIMIZERS):
     """{nfe: {row name: {"error", "ratio", "schedule" (best stock) / "optimize_s" and "sigmas" (optimizers)}}}"""
     model_sampling = case.model.get_model_object("model_sampling")
-    flow = pack_module(base, "nodes.schedules").is_flow(model_sampling)
+    nodes_schedules = pack_module(base, "nodes.schedules")
+    flow = nodes_schedules.is_flow(model_sampling)
     table = {}
     for nfe in budgets:
         stock = best_stock(case, sampler_name, nfe)
@@ -97,7 +96,7 @@ def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTI
                 rows[name]["note"] = f"starts at {float(sigmas[0]):.4g}"
         for method in methods:
             t0 = time.perf_counter()
-            sigmas, info = optimized(case, base, method, nfe, trajectories)
+            sigmas, _ = optimized(nodes_schedules, case, flow, method, nfe, trajectories)
             rows[method] = {"error": case.error(sampler_name, sigmas)[0], "optimize_s": time.perf_counter() - t0,
                             "sigmas": [round(float(s), 5) for s in sigmas]}
             log(f"  {case.name} nfe={nfe} {method}: {rows[method]['error']:.4f} "

@@ -609,8 +609,8 @@ class QuickstepBlockCache(io.ComfyNode):
                 io.Combo.Input("forecaster", options=list(qc.FORECASTERS), default="taylor1",
                                tooltip="How the middle's residual is carried to a cached step: reuse, Taylor order "
                                        "1/2 in sigma, or Chebyshev least squares over the last computed steps. "
-                                       "taylor1 measured best on the smooth host DiTs (+7.5 to +8.4 dB over reuse on the same "
-                                       "compute steps; taylor2 overshoots over long cached runs)."),
+                                       "taylor1 measured best on the smooth host DiTs (+7.5 to +8.4 dB over reuse "
+                                       "on the same compute steps; taylor2 overshoots over long cached runs)."),
                 io.Int.Input("warmup_steps", default=1, min=0, max=100,
                              tooltip="The first steps that always compute (the probe still guards the next ones)."),
                 io.Int.Input("max_consecutive", default=6, min=1, max=100,

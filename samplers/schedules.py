@@ -593,6 +593,14 @@ def _ld3_schedule(xi, log_hi, log_lo):
     return torch.cat([torch.exp(logs), xi.new_zeros(1)])
 
 
+def _ld3_parameters(sigmas, sigma_max, sigma_min):
+    """The inverse of `_ld3_schedule`: the parameters xi of the nonzero `sigmas` (sigma_0 taken as sigma_max)."""
+    ls = torch.log(sigmas.clamp(min=sigma_min * (1 + 1e-6), max=sigma_max))
+    ls[0] = math.log(sigma_max)
+    incs = torch.cat([ls[:-1] - ls[1:], (ls[-1] - math.log(sigma_min)).reshape(1)]).clamp(min=1e-6)
+    return torch.log(incs / incs.sum())
+
+
 def _ld3_search_without_gradients(xi0, log_hi, log_lo, train_err, valid_err, initial, iters, diverge_factor,
                                   progress, history):
     """Nelder-Mead over LD3's schedule parameters on the training loss, keeping the best schedule on validation."""
@@ -714,10 +722,7 @@ def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solve
     init_errors = [train_err(torch.cat([c, c.new_zeros(1)])) for c in candidates]
     init_index = min(range(len(candidates)), key=lambda i: init_errors[i])
     s_init = candidates[init_index]
-    ls = torch.log(s_init.clamp(min=sigma_min * (1 + 1e-6), max=sigma_max))
-    ls[0] = log_hi
-    incs = torch.cat([ls[:-1] - ls[1:], (ls[-1] - log_lo).reshape(1)]).clamp(min=1e-6)
-    xi = torch.log(incs / incs.sum()).clone().requires_grad_(True)
+    xi = _ld3_parameters(s_init, sigma_max, sigma_min).clone().requires_grad_(True)
 
     dim = xt[0].numel()
     scale = float(xt.to(torch.float64).pow(2).mean().sqrt())
