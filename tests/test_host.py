@@ -1,11 +1,17 @@
 """Foundation: the pack loads in the real host, the test bed's oracle is exact through the host's own apply_model,
 and its reference ODE solution is converged."""
+import re
 from pathlib import Path
 
 import torch
 
 from graphs import oracle_sampling_graph, sink
 from modelzoo.gmm import GaussianMixture, exact_ode_solution
+
+
+def _pack_module_pattern(server):
+    """The pack's module path as the host's load messages print it, not followed by a deeper path or a longer name."""
+    return re.compile(re.escape(str(server.base / "custom_nodes" / "quickstep")) + r"(?![\w/.-])")
 
 
 def test_pack_loads_without_import_errors(client, server):
@@ -20,12 +26,25 @@ def test_pack_loads_without_import_errors(client, server):
             for input_name, spec in node["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
     log = server.log()
-    # the host's own messages for a custom node folder it did not load (nodes.py load_custom_node / init_*); the
-    # session's server log also holds earlier tests' prompts, whose errors may say anything
+    # the host's own messages for a custom node folder it did not load (nodes.py load_custom_node / init_*), for the
+    # pack's own module path, not the word "quickstep": a checkout named quickstep holds the host itself, whose
+    # comfy_extras failures (torchaudio) name paths under it; the session's server log also holds earlier tests'
+    # prompts, whose errors may say anything
     load_failures = ("IMPORT FAILED", "Cannot import", "module for custom nodes due to")
+    pack_module = _pack_module_pattern(server)
     failures = [line for line in log.splitlines()
-                if "quickstep" in line.lower() and any(message in line for message in load_failures)]
+                if pack_module.search(line) and any(message in line for message in load_failures)]
     assert not failures, failures
+
+
+def test_pack_module_pattern_ignores_host_paths_under_a_quickstep_checkout(server):
+    """The load-failure check above matches the pack's module, not a host file below a folder named quickstep."""
+    pack = str(server.base / "custom_nodes" / "quickstep")
+    pattern = _pack_module_pattern(server)
+    assert pattern.search(f"Cannot import {pack} module for custom nodes: boom")
+    assert pattern.search(f"   0.1 seconds (IMPORT FAILED): {pack}")
+    assert not pattern.search(f"Cannot import {pack}/.host/ComfyUI/comfy_extras/nodes_audio.py module for custom nodes")
+    assert not pattern.search(f"Cannot import {pack}_other module for custom nodes: boom")
 
 
 def _oracle(inproc, family):
