@@ -122,8 +122,25 @@ def caching_nodes():
     return sys.modules[node("QuickstepDeepCache").__module__]
 
 
+def with_input_copy(patcher):
+    """A clone whose diffusion model gets a copy of its input, outermost of the DIFFUSION_MODEL wrappers.
+    The host's EasyCache adds its cached change to that input in place; on a CONST (flow) model in float32 the host's
+    calculate_input returns the sampler's own tensor, which then computes the denoised value from a moved x and
+    corrupts EasyCache's result. On a GPU in fp16/bf16 the dtype cast makes a copy, so users never see this: every
+    configuration here, cached or not, ours or the host's, runs with the copy, as users run them."""
+    import comfy.patcher_extension
+    copied = patcher.clone()
+
+    def copy_input(executor, x, *args, **kwargs):
+        return executor(x.clone(), *args, **kwargs)
+    copied.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "quickstep_bench_input_copy",
+                                copy_input)
+    return copied
+
+
 def apply(patcher, spec):
-    """spec: None (uncached) or (node id, inputs dict)."""
+    """spec: None (uncached) or (node id, inputs dict); the cache goes on a clone given a copy of its input."""
+    patcher = with_input_copy(patcher)
     if spec is None:
         return patcher
     out = node(spec[0]).execute(model=patcher, **spec[1])
@@ -271,7 +288,7 @@ def benchmark(model_name, steps, quick, log):
         log(f"{model_name:8s} {label:36s} calls {calls:3d}  compute {row['compute_ratio']:.2f}x  "
             f"wall {row['speedup']:.2f}x  PSNR {row['psnr']:.1f} dB  SSIM {row['ssim']:.3f}")
     # the uncached time again at the end (the machine's load drifts): the faster of the two is the reference
-    ref_wall = min(ref["wall"], sample(setup, setup.patcher, steps)[3])
+    ref_wall = min(ref["wall"], sample(setup, apply(setup.patcher, None), steps)[3])
     for row in rows:
         row["speedup"] = ref_wall / row["wall_s"]
     return rows

@@ -1,6 +1,7 @@
 """Solver-accuracy benchmark: error against the exact ODE solution at a fixed NFE budget, NFE counted.
 
-For every deterministic sampler in the host's list (ComfyUI's built-ins and Quickstep's qs_ entries) and every
+For every deterministic sampler in the host's list (ComfyUI's built-ins, its SDE samplers at eta 0 through their own
+nodes, and Quickstep's qs_ entries) and every
 scheduler of the host's list, the steps are chosen so that the counted number of model calls is at most the budget;
 the sampler's error is that of its best scheduler. Models: the exact Gaussian-mixture oracle for the EPS, V and
 flow families (error against the exact ODE solution), and the trained digit models when present ("digits": EPS,
@@ -25,6 +26,22 @@ from testbed.host import HOST_DIR, PACK_DIR
 # Built-in samplers whose result is a deterministic function of the starting noise (ODE solvers).
 HOST_ODE_SAMPLERS = ("euler", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
                      "res_multistep", "gradient_estimation", "ddim", "uni_pc", "uni_pc_bh2")
+# The host's SDE samplers at eta 0 are ODE solvers of their own (2S, 3M, SA-Solver, ER): each is built through the
+# host's own node with its defaults and eta 0, the condition its authors give for deterministic sampling.
+# name in the tables -> (host node id, node inputs); SamplerEulerAncestral at eta 0 is plain euler, already listed.
+HOST_ETA0_SAMPLERS = {
+    "dpmpp_2s_ancestral(eta=0)": ("SamplerDPMPP_2S_Ancestral", {"eta": 0.0, "s_noise": 1.0}),
+    "dpmpp_sde(eta=0)": ("SamplerDPMPP_SDE", {"eta": 0.0, "s_noise": 1.0, "r": 0.5, "noise_device": "cpu"}),
+    "dpmpp_2m_sde_midpoint(eta=0)": ("SamplerDPMPP_2M_SDE", {"solver_type": "midpoint", "eta": 0.0, "s_noise": 1.0,
+                                                             "noise_device": "cpu"}),
+    "dpmpp_2m_sde_heun(eta=0)": ("SamplerDPMPP_2M_SDE", {"solver_type": "heun", "eta": 0.0, "s_noise": 1.0,
+                                                         "noise_device": "cpu"}),
+    "dpmpp_3m_sde(eta=0)": ("SamplerDPMPP_3M_SDE", {"eta": 0.0, "s_noise": 1.0, "noise_device": "cpu"}),
+    "er_sde(ODE)": ("SamplerER_SDE", {"solver_type": "ODE", "max_stage": 3, "eta": 0.0, "s_noise": 1.0}),
+    "sa_solver(eta=0)": ("SamplerSASolver", {"eta": 0.0, "sde_start_percent": 0.2, "sde_end_percent": 0.8,
+                                             "s_noise": 1.0, "predictor_order": 3, "corrector_order": 4,
+                                             "use_pece": False, "simple_order_2": False}),
+}
 RESULTS = PACK_DIR / "bench" / "results"
 STEPS_PER_CALL_CAP = 4        # probe schedules up to this many steps per call of the largest budget (PFDiff k=2: 3)
 
@@ -43,12 +60,25 @@ class CountedModel:
         self.patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "quickstep_bench", count)
 
 
+def sampler_object(model, sampler_name):
+    """The host SAMPLER of a table name: a stock-list name, or a HOST_ETA0_SAMPLERS entry built by its host node."""
+    import comfy.samplers
+    if sampler_name not in HOST_ETA0_SAMPLERS:
+        return comfy.samplers.sampler_object(sampler_name)
+    import nodes
+    node_id, inputs = HOST_ETA0_SAMPLERS[sampler_name]
+    node = nodes.NODE_CLASS_MAPPINGS[node_id]
+    if any(i.id == "model" for i in node.define_schema().inputs):
+        inputs = dict(inputs, model=model)
+    out = node.execute(**inputs)
+    return getattr(out, "result", out)[0]
+
+
 def run_sampler(model, sampler_name, sigmas, noise, positive, negative, cfg, latent=None):
     """Sample through the host's own sampling path from `latent` (default zeros); returns (samples, counted NFE)."""
     import comfy.sample
-    import comfy.samplers
     counted = CountedModel(model)
-    sampler = comfy.samplers.sampler_object(sampler_name)
+    sampler = sampler_object(model, sampler_name)
     latent = torch.zeros_like(noise) if latent is None else latent.expand_as(noise)
     out = comfy.sample.sample_custom(counted.patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
                                      disable_pbar=True, seed=0)
@@ -218,8 +248,8 @@ def main(argv=None):
 
     start_host()
     import comfy.samplers
-    samplers = args.samplers or [*HOST_ODE_SAMPLERS, *(s for s in comfy.samplers.KSampler.SAMPLERS
-                                                       if s.startswith("qs_"))]
+    samplers = args.samplers or [*HOST_ODE_SAMPLERS, *HOST_ETA0_SAMPLERS,
+                                 *(s for s in comfy.samplers.KSampler.SAMPLERS if s.startswith("qs_"))]
     schedulers = args.schedulers or list(comfy.samplers.SCHEDULER_NAMES)
     results, t0 = {}, time.time()
     for family in args.families:
