@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import tempfile
+import weakref
 
 import torch
 
@@ -51,20 +52,71 @@ def register_dmn_scheduler():
         comfy.samplers.SCHEDULER_NAMES.append("qs_dmn")
 
 
+_BASE_WEIGHT_DIGESTS = weakref.WeakKeyDictionary()    # host BaseModel -> digest of its unpatched weights
+
+
+def _update_with_tensor(digest, tensor):
+    tensor = tensor.detach()
+    digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+    if tensor.numel():
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+
+
+def _update_with(digest, value):
+    """Everything that determines a patch's effect: tensors by content, numbers, nested containers, and a weight
+    adapter (the host's LoRA / LoHa / ... objects) by its class and weights."""
+    if torch.is_tensor(value):
+        _update_with_tensor(digest, value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _update_with(digest, item)
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            digest.update(str(key).encode())
+            _update_with(digest, value[key])
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(repr(value).encode())
+    else:
+        digest.update(type(value).__name__.encode())
+        _update_with(digest, getattr(value, "weights", None))
+
+
+def _base_weight_digest(model):
+    """Digest of every weight of the diffusion model as loaded, without patches (a weight patched in place by a
+    loaded clone is read from the host's backup). Hashing reads each byte once, moved to the CPU one tensor at a
+    time (about 1 s per GB); the result is kept per model object, since only patching changes weights."""
+    base = model.model
+    known = _BASE_WEIGHT_DIGESTS.get(base)
+    if known is not None:
+        return known
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(type(model.get_model_object("diffusion_model")).__name__.encode())
+    backup = getattr(model, "backup", {})
+    for name, tensor in sorted(base.state_dict(prefix="").items()):
+        if not name.startswith("diffusion_model."):
+            continue
+        digest.update(name.encode())
+        _update_with_tensor(digest, backup[name].weight if name in backup else tensor)
+    _BASE_WEIGHT_DIGESTS[base] = digest.hexdigest()
+    return _BASE_WEIGHT_DIGESTS[base]
+
+
 def model_fingerprint(model):
-    """A cheap identity of the weights the sampler would see: parameter names, shapes and a sample of values of the
-    diffusion model, plus the patches (LoRA etc.) applied on top."""
-    digest = hashlib.sha256()
-    diffusion_model = model.get_model_object("diffusion_model")
-    digest.update(type(diffusion_model).__name__.encode())
-    for i, (name, tensor) in enumerate(sorted(diffusion_model.state_dict().items())):
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        if i % 16 == 0 and tensor.numel():
-            digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    """An identity of what the model computes: all diffusion-model weights as loaded (by content), the weight
+    patches on top (LoRA keys, strengths and weight contents) and the model_sampling the sampler will use (the
+    patched one, e.g. a shift node's: its class, buffers and scalar settings)."""
+    digest = hashlib.sha256(_base_weight_digest(model).encode())
     for key in sorted(model.patches):
         digest.update(key.encode())
-        for patch in model.patches[key]:
-            digest.update(repr(patch[0]).encode())   # the patch strength
+        _update_with(digest, model.patches[key])
+    model_sampling = model.get_model_object("model_sampling")
+    digest.update(type(model_sampling).__name__.encode())
+    for name, tensor in sorted(model_sampling.named_buffers()):
+        digest.update(name.encode())
+        _update_with_tensor(digest, tensor)
+    for name, value in sorted(vars(model_sampling).items()):
+        if isinstance(value, (bool, int, float, str)):
+            digest.update(f"{name}={value!r}".encode())
     return digest.hexdigest()[:16]
 
 
