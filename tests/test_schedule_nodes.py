@@ -189,3 +189,19 @@ def test_model_fingerprint_follows_what_changes_the_output(inproc):
     with torch.no_grad():
         edited.model.state_dict()[weights[1]].view(-1)[-1] += 1.0     # a value outside any small sample
     assert fingerprint(edited) != plain
+
+
+def test_qs_dmn_scheduler_works_for_every_model_and_step_count(inproc):
+    """qs_dmn in the stock list: DMN on EPS models from 3 steps; the host's 'simple' schedule on flow models (DMN is
+    2.6-5x worse there) and 'karras' below 3 steps, so every step count >= 1 works as with the stock schedulers."""
+    import comfy.samplers
+    from modelzoo import tiny_host
+    eps = tiny_host.build_tiny("sd15", 0).get_model_object("model_sampling")
+    flow = tiny_host.build_tiny("mmdit", 0).get_model_object("model_sampling")
+    for steps in (1, 2, 3, 6):
+        assert torch.equal(comfy.samplers.calculate_sigmas(flow, "qs_dmn", steps),
+                           comfy.samplers.calculate_sigmas(flow, "simple", steps))
+        sigmas = comfy.samplers.calculate_sigmas(eps, "qs_dmn", steps)
+        karras = comfy.samplers.calculate_sigmas(eps, "karras", steps)
+        assert sigmas.shape == (steps + 1,) and float(sigmas[-1]) == 0.0
+        assert torch.equal(sigmas, karras) == (steps < 3)
