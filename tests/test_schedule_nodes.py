@@ -205,3 +205,13 @@ def test_qs_dmn_scheduler_works_for_every_model_and_step_count(inproc):
         karras = comfy.samplers.calculate_sigmas(eps, "karras", steps)
         assert sigmas.shape == (steps + 1,) and float(sigmas[-1]) == 0.0
         assert torch.equal(sigmas, karras) == (steps < 3)
+
+
+def test_optimize_steps_defaults_to_the_fast_method(inproc):
+    """Optimize Steps For My Model defaults to oss (README: the fastest method that stays near the best stock
+    schedule); ld3, the slowest, is opt-in, and its tooltip states what each costs."""
+    import nodes
+    schema = nodes.NODE_CLASS_MAPPINGS["QuickstepOptimizeSchedule"].define_schema()
+    method = next(i for i in schema.inputs if i.id == "method")
+    assert method.default == "oss" and set(method.options) == {"ld3", "oss", "gits", "ays"}
+    assert "ld3: slowest" in method.tooltip and "model calls" in method.tooltip.lower()
