@@ -35,6 +35,7 @@ State is per run, per batch group (the uuids of the conds evaluated together: CF
 histories) and reset when the input shape, dtype or device change (batch size, resolution).
 """
 import copy
+import inspect
 import json
 import logging
 import os
@@ -57,9 +58,26 @@ def _run_state(transformer_options):
     return state if isinstance(state, qc.RunState) else None
 
 
-def _sigma_of(transformer_options):
+def _sigma_of(state, transformer_options):
+    """The one sigma of this model call. A call that evaluates several noise levels at once (parallel-in-time
+    sampling: one sigma per batch element) is refused: the cache's state follows a single step sequence."""
     s = transformer_options.get("sigmas")
-    return float(s.max()) if torch.is_tensor(s) else float(s)
+    if not torch.is_tensor(s):
+        return float(s)
+    if s.numel() > 1 and bool((s != s.flatten()[0]).any()):
+        raise QuickstepInputError(state.config.node, f"one model call evaluates several noise levels "
+                                  f"({sorted({round(float(v), 4) for v in s.flatten()}, reverse=True)}), as a "
+                                  "parallel-in-time sampler (Parallel-in-Time Sampling, qs_paradigms) does; the cache "
+                                  "follows one step at a time: use a sequential sampler, or the model without the cache")
+    return float(s.flatten()[0])
+
+
+def _arguments(executor, args, kwargs):
+    """The wrapped host function's arguments by name (the host passes some by position; a newer host may add or
+    move them), defaults included. Call the next executor with `executor(*bound.args, **bound.kwargs)`."""
+    bound = inspect.signature(executor.original).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
@@ -70,11 +88,11 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
         config = guider.model_options["transformer_options"][KEY]
-        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-        sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+        arguments = _arguments(executor, args, kwargs).arguments
         if config.calibration is not None:
-            _check_sampler(config.node, config.calibration, sampler)
-        state = config.new_run(sigmas, guider.model_patcher.model.model_sampling)
+            _check_sampler(config.node, config.calibration, arguments["sampler"])
+        # the patched object (a ModelSamplingSD3 / Flux shift node's): object patches apply only when sampling loads
+        state = config.new_run(arguments["sigmas"], guider.model_patcher.get_model_object("model_sampling"))
         state.measured = config.measure
         guider.model_options["transformer_options"][KEY] = state
         return executor(*args, **kwargs)
@@ -204,7 +222,7 @@ class DeepCacheRun(qc.RunState):
     def __init__(self, config, sigmas, model_sampling):
         super().__init__("DeepCache", sigmas, config.forecaster, config.history)
         self.config, self.branch, self.blocks = config, config.branch, config.blocks
-        hi, lo = _window(model_sampling, config.start_percent, config.end_percent)
+        hi, lo = self.window = _window(model_sampling, config.start_percent, config.end_percent)
         window = [i for i in range(self.steps) if lo < self.sigmas[i] <= hi]
         start, end = (window[0], window[-1] + 1) if window else (self.steps, self.steps)
         if config.curve is not None:        # calibrated: `interval` - 1 partial steps in a row at most
@@ -224,7 +242,7 @@ class DeepCacheRun(qc.RunState):
                 f"(branch {self.branch}, interval {self.config.interval}, {schedule}, "
                 f"{self.forecaster}) over {self.steps} steps; history peak {self.peak_bytes / 2 ** 20:.2f} MiB")
         return {"line": line, "calls": calls, "computed": full, "partial": self.partial_calls,
-                "peak_bytes": self.peak_bytes, "steps": self.steps}
+                "peak_bytes": self.peak_bytes, "steps": self.steps, "window": self.window}
 
 
 def _realign_control(control, m, L):
@@ -242,13 +260,14 @@ def _realign_control(control, m, L):
 
 
 def _deepcache_wrapper(executor, *args, **kwargs):
-    to = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    bound = _arguments(executor, args, kwargs)
+    to = bound.arguments.get("transformer_options") or {}
     state = _run_state(to)
     if not isinstance(state, DeepCacheRun):
         return executor(*args, **kwargs)
     unet = executor.class_obj
-    x = args[0]
-    sigma = _sigma_of(to)
+    x = bound.arguments["x"]
+    sigma = _sigma_of(state, to)
     step = state.step_of(sigma)
     group = state.group(to.get("uuids", []), x)
     group.calls += 1
@@ -271,15 +290,14 @@ def _deepcache_wrapper(executor, *args, **kwargs):
     call["deep"] = site.predict(sigma)
     group.forecast_points += site.points_used
     state.partial_calls += 1
-    args = list(args)
-    if len(args) > 4 and args[4] is not None:
-        args[4] = _realign_control(args[4], m, L)
+    if bound.arguments.get("control") is not None:
+        bound.arguments["control"] = _realign_control(bound.arguments["control"], m, L)
     saved = (unet.input_blocks, unet.middle_block, unet.output_blocks)
     try:
         unet.input_blocks = torch.nn.ModuleList(list(saved[0])[:m + 1])
         unet.middle_block = None
         unet.output_blocks = torch.nn.ModuleList(list(saved[2])[L - 1 - m:])
-        return executor(*args, **kwargs)
+        return executor(*bound.args, **bound.kwargs)
     finally:
         unet.input_blocks, unet.middle_block, unet.output_blocks = saved
         state.current = None
@@ -452,7 +470,7 @@ class BlockCacheRun(qc.RunState):
         super().__init__("BlockCache", sigmas, config.forecaster, config.history)
         self.config = config
         a = config.policy_args
-        hi, lo = _window(model_sampling, a["start_percent"], a["end_percent"])
+        hi, lo = self.window = _window(model_sampling, a["start_percent"], a["end_percent"])
         steps = self.steps
         always = frozenset(i % steps for i in config.always if -steps <= i < steps)
         self.policy = qc.SkipPolicy(a["threshold"], a["warmup"], a["max_consecutive"], hi, lo, always)
@@ -480,7 +498,8 @@ class BlockCacheRun(qc.RunState):
                 + f", blocks run {self.blocks_run}/{self.blocks_total} ({ratio:.2f}x less block compute), "
                 f"history peak {self.peak_bytes / 2 ** 20:.2f} MiB")
         return {"line": line, "calls": calls, "computed": computed, "blocks_run": self.blocks_run,
-                "blocks_total": self.blocks_total, "peak_bytes": self.peak_bytes, "steps": self.steps}
+                "blocks_total": self.blocks_total, "peak_bytes": self.peak_bytes, "steps": self.steps,
+                "window": self.window}
 
 
 def _streams(d, clone=False):
@@ -499,7 +518,7 @@ def _make_block_patch(pos):
         layout = state.config.layout
         seg = layout[pos][2]
         if pos == 0 or state.current is None:
-            sigma = _sigma_of(to)
+            sigma = _sigma_of(state, to)
             group = state.group(to.get("uuids", []), args["img"])
             group.calls += 1
             state.current = {"group": group, "sigma": sigma, "step": state.step_of(sigma), "compute": True,

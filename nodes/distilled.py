@@ -3,8 +3,9 @@ and one setup node that turns a stock-loaded checkpoint (or a model with a disti
 into the MODEL, SAMPLER and SIGMAS of its published recipe. The equations live in samplers/distilled.py.
 
 The model-sampling patches (LCM boundary condition, x0 prediction of the one-step Lightning checkpoint) are mixins
-placed in front of the model's own sampling class on a shallow copy of its model_sampling object, so the model's
-own noise schedule (beta schedule, zero-SNR rescale) is kept and nothing else of the host's class is re-implemented.
+placed in front of the model's own sampling class on a deep copy of its model_sampling object (its own buffers: the
+input model's object is never touched), handed to the host as an object patch, so the model's own noise schedule
+(beta schedule, zero-SNR rescale) is kept and nothing else of the host's class is re-implemented.
 """
 import copy
 import logging
@@ -55,7 +56,10 @@ PATCHES = {"lcm": LCMBoundary, "x0_one_step": X0Prediction}
 
 
 def patched_sampling(model_sampling, mixin):
-    patched = copy.copy(model_sampling)
+    """A new model_sampling module: `mixin` in front of the model's own class, over a deep copy of its state (a
+    shallow copy of an nn.Module shares its _buffers dict: moving or re-registering the copy's sigmas would change
+    the input model's)."""
+    patched = copy.deepcopy(model_sampling)
     patched.__class__ = type(f"Quickstep{mixin.__name__}", (mixin, type(model_sampling)), {})
     return patched
 

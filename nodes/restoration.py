@@ -210,13 +210,27 @@ class QuickstepPseudoInverse(io.ComfyNode):
             raise QuickstepInputError(label, str(error)) from None
 
 
+def _load_with_vae(model, vae, x):
+    """Loads the VAE together with the models the host loaded for this run (the diffusion model, ControlNets...),
+    with the host's own memory estimate for the batch, as comfy.sampler_helpers.prepare_sampling does: on low VRAM
+    the host then splits the memory between them, where loading the VAE alone would evict the diffusion model's
+    weights in the middle of the run. Runs before the first model call."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    guider = getattr(model, "inner_model", None)
+    patcher = getattr(guider, "model_patcher", None)
+    if patcher is None:
+        comfy.model_management.load_models_gpu([vae.patcher])
+        return
+    required, minimum = comfy.sampler_helpers.estimate_memory(patcher, x.shape, guider.conds)
+    comfy.model_management.load_models_gpu([patcher, *getattr(guider, "loaded_models", []), vae.patcher],
+                                           memory_required=required, minimum_memory_required=minimum)
+
+
 def _decoder_for(vae, model):
     """Dec(z) for a sampler state z (the model's processed latent): the VAE's own decoder module, differentiable,
-    images in [-1, 1] as [B, C, H, W]; the VAE's weights are made usable by autograd first."""
-    import comfy.model_management
-    comfy.model_management.load_models_gpu([vae.patcher])
+    images in [-1, 1] as [B, C, H, W] (its weights made usable by autograd by the caller: guidance.autograd_weights)."""
     base_model = guidance.host_module(model)
-    guidance.autograd_ready(vae.first_stage_model)
 
     def decode(z):
         latent = base_model.process_latent_out(z) if base_model is not None else z
@@ -233,9 +247,12 @@ def _guarded(label, fn, vae=None):
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         try:
-            if vae is not None:
-                options["decoder"] = _decoder_for(vae, model)
-            return inner(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+            if vae is None:
+                return inner(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+            _load_with_vae(model, vae, x)
+            options["decoder"] = _decoder_for(vae, model)
+            with guidance.autograd_weights(vae.first_stage_model):
+                return inner(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
         except operators.OperatorError as error:
             raise QuickstepInputError(label, str(error)) from None
         except guidance.GuidanceDiverged as error:

@@ -142,23 +142,41 @@ def _normal(t):
     return t.clone() if t.is_inference() else t
 
 
-def autograd_ready(module):
-    """Replaces the inference tensors among `module`'s parameters and buffers (weights loaded while the host runs
-    nodes under inference mode, which autograd cannot save for a backward pass) by normal tensors with the same
-    values, one tensor at a time (no second copy of the model; the host's own weight patching also swaps in new
-    Parameters).  Returns how many were replaced."""
-    replaced = 0
-    with torch.inference_mode(False):
-        for sub in module.modules():
-            for name, t in list(sub._parameters.items()):
-                if t is not None and t.is_inference():
-                    sub._parameters[name] = torch.nn.Parameter(t.clone(), requires_grad=False)
-                    replaced += 1
-            for name, t in list(sub._buffers.items()):
-                if t is not None and t.is_inference():
-                    sub._buffers[name] = t.clone()
-                    replaced += 1
-    return replaced
+def _normal_alias(t):
+    """A normal tensor over the same memory as the inference tensor `t` (no copy); a tensor subclass (a host's
+    quantized weight, whose storage is not its values) is copied instead."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return t.clone()
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.shape,
+                                                              t.stride())
+
+
+@contextlib.contextmanager
+def autograd_weights(*modules):
+    """For the duration of the block, the inference tensors among the modules' parameters and buffers (weights
+    loaded while the host runs nodes under inference mode, which autograd cannot save for a backward pass) are
+    replaced by normal tensors over the same memory (no copy of the model).  On exit, even on an error or
+    interrupt, every original tensor object is put back where our alias still stands, so the model is exactly
+    what it was (the host's weight patching keeps references to those objects).  None entries are skipped."""
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for module in modules:
+                for sub in module.modules() if module is not None else ():
+                    for table in (sub._parameters, sub._buffers):
+                        for name, t in list(table.items()):
+                            if t is None or not t.is_inference():
+                                continue
+                            alias = _normal_alias(t)
+                            if isinstance(t, torch.nn.Parameter):
+                                alias = torch.nn.Parameter(alias, requires_grad=False)
+                            table[name] = alias
+                            swapped.append((table, name, t, alias))
+        yield len(swapped)
+    finally:
+        for table, name, original, alias in reversed(swapped):
+            if table.get(name) is alias:      # a weight the host re-patched meanwhile is the host's to restore
+                table[name] = original
 
 
 def host_module(model):
@@ -215,10 +233,16 @@ class _Guide:
         return x0, grad
 
 
-def sample_restoration(model, x, sigmas, extra_args=None, callback=None, disable=None, operator=None,
-                       measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
-                       strength=1.0, learning_rate=REDDIFF_LR, decoder=None, diffpir_lambda=DIFFPIR_LAMBDA,
-                       diffpir_zeta=DIFFPIR_ZETA):
+def sample_restoration(model, x, sigmas, extra_args=None, callback=None, disable=None, method="ddnm", **options):
+    """The restoration sampler; PiGDM and DPS back-propagate through the host's model (see autograd_weights)."""
+    with autograd_weights(host_module(model) if method in ("pigdm", "dps") else None):
+        return _restore(model, x, sigmas, extra_args, callback, disable, method=method, **options)
+
+
+def _restore(model, x, sigmas, extra_args=None, callback=None, disable=None, operator=None,
+             measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
+             strength=1.0, learning_rate=REDDIFF_LR, decoder=None, diffpir_lambda=DIFFPIR_LAMBDA,
+             diffpir_zeta=DIFFPIR_ZETA):
     extra_args = {} if extra_args is None else extra_args
     label = METHOD_LABELS.get(method, method)
     if decoder is None:
@@ -234,8 +258,6 @@ def sample_restoration(model, x, sigmas, extra_args=None, callback=None, disable
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     guide = _Guide(operator, y, decoder, label)
-    if method in ("pigdm", "dps") and host_module(model) is not None:
-        autograd_ready(host_module(model))
     s_in = x.new_ones([x.shape[0]])
     sig = [float(s) for s in sigmas]
     if method == "reddiff":
@@ -353,5 +375,5 @@ def ccdf_start(operator, measurement, sigmas, t0, noise, flow=False):
     return alpha * estimate + sigma * noise.to(estimate), tail
 
 
-__all__ = ["METHODS", "GuidanceDiverged", "OperatorError", "autograd_ready", "host_module", "sample_restoration",
+__all__ = ["METHODS", "GuidanceDiverged", "OperatorError", "autograd_weights", "host_module", "sample_restoration",
            "travel_plan", "ccdf_sigmas", "ccdf_start", "validate"]

@@ -603,3 +603,54 @@ def test_smooth_time_embedding_makes_flux_mmdit_and_unet_smooth_in_time(inproc):
         after = embedding(patcher)
         assert roughness(before) > 0.5 and roughness(after) < 0.02, (arch, roughness(before), roughness(after))
         assert 0.8 < float(after.std() / before.std()) < 1.25, (arch, float(after.std() / before.std()))
+
+
+# ------------------------------------------------------------------ how the caches read the host (issue 17, items 3, 4, 6)
+
+def test_cache_window_uses_the_shift_node_model_sampling_on_the_first_run(inproc):
+    """A ModelSamplingSD3 shift node patches model_sampling as an object patch, applied only when sampling loads the
+    model: the cache's percent -> sigma window must come from the patched object on the very first run."""
+    window = {"start_percent": 0.3, "end_percent": 0.8}
+    run_latent(inproc, cache_graph("mmdit", ("QuickstepBlockCache", {**NEVER["mmdit"][1], **window})))
+    graph = cache_graph("mmdit", ("QuickstepBlockCache", {**NEVER["mmdit"][1], **window}))
+    graph["shift"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 8.0}}
+    graph["cache"]["inputs"]["model"] = ["shift", 0]
+    graph["sigmas"]["inputs"]["model"] = ["shift", 0]
+    result = inproc.run(graph)
+    shifted = inproc.output(result, "shift", 0).get_model_object("model_sampling")
+    unshifted = inproc.output(result, "model", 0).get_model_object("model_sampling")
+    expected = (shifted.percent_to_sigma(0.3), shifted.percent_to_sigma(0.8))
+    assert abs(expected[0] - unshifted.percent_to_sigma(0.3)) > 0.05        # the shift moves the window
+    assert cache_module().LAST_SUMMARY["BlockCache"]["window"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_cache_refuses_parallel_in_time_sampling(inproc):
+    """Parallel-in-time sampling evaluates several steps in one model call (one sigma per batch element): the cache,
+    which follows one step sequence, refuses it by name instead of using one step for all."""
+    for arch in ("sd15", "flux"):
+        graph = cache_graph(arch, SKIPPING[arch], steps=6)
+        graph["sampler"] = {"class_type": "QuickstepParallelSampling", "inputs": {"window": 4, "tolerance": 0.1}}
+        msg = _error(inproc, graph)
+        node = "DeepCache" if arch == "sd15" else "Block Cache"
+        assert node in msg and "several noise levels" in msg and "parallel-in-time" in msg, msg
+
+
+def test_cache_wrappers_read_host_arguments_by_name(inproc):
+    """Another pack's wrappers in front of the cache's pass the host's arguments by keyword (as a newer host may):
+    DeepCache reads them by name and samples exactly as without them."""
+    import inspect
+
+    import comfy.patcher_extension as pe
+    _, base, pos, neg, _ = tiny_setup("sd15")
+    expected = sample_host("sd15", apply_cache(base, PATCH_SKIPPING["sd15"]), pos, neg)
+
+    def by_keyword(executor, *args, **kwargs):
+        arguments = dict(inspect.signature(executor.original).bind(*args, **kwargs).arguments)
+        extra = arguments.pop("kwargs", {})
+        return executor(**arguments, **extra)
+    by_name = base.clone()
+    by_name.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "another_pack", by_keyword)
+    by_name.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "another_pack", by_keyword)
+    out = sample_host("sd15", apply_cache(by_name, PATCH_SKIPPING["sd15"]), pos, neg)
+    assert last_run("sd15")[1] > 0
+    assert torch.equal(out, expected)

@@ -188,3 +188,18 @@ def test_tcd_at_gamma_0_is_ddim():
     tcd = qd.sample_tcd(model, x, sigmas, gamma=0.0)
     euler = samplers.SAMPLERS["euler"](model, x, sigmas)
     assert torch.allclose(tcd, euler, atol=1e-5)
+
+
+def test_patched_model_sampling_shares_no_state_with_the_input_model(inproc):
+    """The LCM patch is a separate module: moving the patched model_sampling (as the host does when it loads the
+    model) or replacing its sigmas leaves the input model's model_sampling as it was."""
+    result = inproc.run(_setup_graph("eps", "lcm", 4))
+    original = inproc.output(result, "model").get_model_object("model_sampling")
+    patched = inproc.output(result, "setup").get_model_object("model_sampling")
+    before = {name: (t, t.clone()) for name, t in original.named_buffers()}
+    patched.double()
+    patched.set_sigmas(torch.linspace(10.0, 0.1, 50))
+    after = dict(original.named_buffers())
+    assert after.keys() == before.keys()
+    for name, (tensor, values) in before.items():
+        assert after[name] is tensor and torch.equal(after[name], values), name

@@ -509,3 +509,84 @@ def test_bad_guidance_inputs(inproc, digits):
     del graph["sampler"]["inputs"]["measurement"]
     text = message(graph)
     assert "connect measurement" in text and "needs a VAE" in text, text
+
+
+def _write_lora(path):
+    """A rank-1 LoRA on two attention projections of the tiny SD1.5 checkpoint's UNet (the host's key format)."""
+    import safetensors.torch
+    g = torch.Generator().manual_seed(11)
+    lora = {}
+    for key in ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn1.to_q"):
+        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(320, 1, generator=g)
+        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(1, 320, generator=g) / 320 ** 0.5
+    safetensors.torch.save_file(lora, str(path))
+
+
+def _lora_graph(ckpt_name):
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "lora": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["ckpt", 0], "strength_model": 1.0,
+                                                                 "lora_name": "qs_restoration_lora.safetensors"}},
+        "cond": {"class_type": "QuickstepTestConditioning", "inputs": {"arch": "sd15", "seed": 0,
+                                                                       "context_dim": 768}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "out": {"class_type": "KSampler",
+                "inputs": {"model": ["lora", 0], "seed": 2, "steps": 3, "cfg": 1.0, "sampler_name": "euler",
+                           "scheduler": "karras", "positive": ["cond", 0], "negative": ["cond", 0],
+                           "latent_image": ["latent", 0], "denoise": 1.0}},
+        "keep": sink("out"),
+    }
+
+
+@pytest.mark.parametrize("method", ["dps", "pigdm"])
+def test_gradient_restoration_leaves_the_model_and_vae_as_they_were(inproc, host_base, monkeypatch, method):
+    """PiGDM / DPS with a VAE back-propagate through host weights loaded under inference mode. Afterwards the
+    checkpoint's UNet and VAE hold exactly the tensor objects they held before (the host's weight patching keeps
+    references to them), a LoRA applied next samples exactly what it samples on a copy of the checkpoint that never
+    ran restoration, and the VAE was loaded together with the diffusion model (as the host loads a run's models),
+    never alone in the middle of the run, which on low VRAM evicts the diffusion model."""
+    import shutil
+
+    import comfy.model_management
+    checkpoints = host_base / "models" / "checkpoints"
+    fresh = f"qs_tiny_sd15_fresh_{method}.safetensors"
+    if not (checkpoints / fresh).exists():
+        shutil.copyfile(checkpoints / "qs_tiny_sd15.safetensors", checkpoints / fresh)
+    (host_base / "models" / "loras").mkdir(exist_ok=True)
+    _write_lora(host_base / "models" / "loras" / "qs_restoration_lora.safetensors")
+
+    graph = photo_graph(["unused"], method, steps=3)
+    for k in ("load0", "load1", "load2", "first_two"):
+        graph.pop(k, None)
+    graph["images"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                              "color": 0x80C040}}
+    graph["latent"]["inputs"]["batch_size"] = 1
+    graph["sampler"]["inputs"]["vae"] = ["ckpt", 2]
+    del graph["taesd"], graph["decoded"]          # VAEDecode after sampling loads the VAE alone, rightly
+    graph["keep"] = sink("out")
+    loaded = inproc.run({"ckpt": graph["ckpt"], "keep": sink("ckpt")})
+    patcher, vae = inproc.output(loaded, "ckpt", 0), inproc.output(loaded, "ckpt", 2)
+    before = {name: t for module in (patcher.model, vae.first_stage_model)
+              for name, t in [*module.named_parameters(prefix=str(id(module))),
+                              *module.named_buffers(prefix=str(id(module)))]}
+    assert all(t.is_inference() for t in before.values())
+
+    loads = []
+    host_load = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                        lambda models, *a, **k: (loads.append([getattr(m, "model", None) for m in models]),
+                                                 host_load(models, *a, **k))[1])
+    inproc.run(graph)
+    monkeypatch.undo()
+    with_vae = [models for models in loads if vae.patcher.model in models]
+    assert with_vae and all(patcher.model in models for models in with_vae), loads
+
+    after = {name: t for module in (patcher.model, vae.first_stage_model)
+             for name, t in [*module.named_parameters(prefix=str(id(module))),
+                             *module.named_buffers(prefix=str(id(module)))]}
+    assert after.keys() == before.keys()
+    assert [name for name in before if after[name] is not before[name]] == []
+
+    after_restoration = inproc.output(inproc.run(_lora_graph("qs_tiny_sd15.safetensors")), "out", 0)["samples"]
+    never_restored = inproc.output(inproc.run(_lora_graph(fresh)), "out", 0)["samples"]
+    assert torch.equal(after_restoration, never_restored)

@@ -149,3 +149,69 @@ def test_corrupt_schedule_file_is_refused_naming_node_and_file(inproc, host_base
     assert "Load Schedule" in message and problem in message
     if problem != "strictly decreasing":
         assert "qs_test_corrupt.json" in message
+
+
+def test_model_fingerprint_follows_what_changes_the_output(inproc):
+    """The fingerprint (schedule cache key, Load Schedule's model check) changes with the LoRA's weights at equal
+    keys and strength, with a ModelSamplingSD3 shift, and with one weight value anywhere in the model; it stays the
+    same for a clone and for the model while another clone's LoRA is patched into its weights."""
+    import sys
+
+    import comfy.model_management
+    import comfy.sd
+    import nodes
+    from modelzoo import tiny_host
+    fingerprint = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepSaveSchedule"].__module__].model_fingerprint
+    base = tiny_host.build_tiny("mmdit", 0)
+    name = next(k for k, v in base.model.state_dict().items() if k.startswith("diffusion_model.") and v.ndim == 2)
+
+    def with_lora(seed):
+        g = torch.Generator().manual_seed(seed)
+        out_f, in_f = base.model.state_dict()[name].shape
+        lora = {f"{name[:-len('.weight')]}.lora_up.weight": torch.randn(out_f, 1, generator=g),
+                f"{name[:-len('.weight')]}.lora_down.weight": torch.randn(1, in_f, generator=g)}
+        return comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)[0]
+
+    plain = fingerprint(base)
+    lora_a, lora_b = with_lora(1), with_lora(2)
+    assert len({plain, fingerprint(lora_a), fingerprint(lora_b)}) == 3
+    shifted = nodes.NODE_CLASS_MAPPINGS["ModelSamplingSD3"]().patch(base, 6.0)[0]
+    assert fingerprint(shifted) != plain
+    assert fingerprint(base.clone()) == plain
+    comfy.model_management.load_models_gpu([lora_a])          # lora_a's weights now patched into the shared model
+    assert fingerprint(base) == plain and fingerprint(lora_b) != fingerprint(lora_a)
+    comfy.model_management.unload_all_models()
+
+    edited = tiny_host.build_tiny("mmdit", 0)
+    assert fingerprint(edited) == plain
+    edited = tiny_host.build_tiny("mmdit", 0)
+    weights = sorted(k for k in edited.model.state_dict() if k.startswith("diffusion_model."))
+    with torch.no_grad():
+        edited.model.state_dict()[weights[1]].view(-1)[-1] += 1.0     # a value outside any small sample
+    assert fingerprint(edited) != plain
+
+
+def test_qs_dmn_scheduler_works_for_every_model_and_step_count(inproc):
+    """qs_dmn in the stock list: DMN on EPS models from 3 steps; the host's 'simple' schedule on flow models (DMN is
+    2.6-5x worse there) and 'karras' below 3 steps, so every step count >= 1 works as with the stock schedulers."""
+    import comfy.samplers
+    from modelzoo import tiny_host
+    eps = tiny_host.build_tiny("sd15", 0).get_model_object("model_sampling")
+    flow = tiny_host.build_tiny("mmdit", 0).get_model_object("model_sampling")
+    for steps in (1, 2, 3, 6):
+        assert torch.equal(comfy.samplers.calculate_sigmas(flow, "qs_dmn", steps),
+                           comfy.samplers.calculate_sigmas(flow, "simple", steps))
+        sigmas = comfy.samplers.calculate_sigmas(eps, "qs_dmn", steps)
+        karras = comfy.samplers.calculate_sigmas(eps, "karras", steps)
+        assert sigmas.shape == (steps + 1,) and float(sigmas[-1]) == 0.0
+        assert torch.equal(sigmas, karras) == (steps < 3)
+
+
+def test_optimize_steps_defaults_to_the_fast_method(inproc):
+    """Optimize Steps For My Model defaults to oss (README: the fastest method that stays near the best stock
+    schedule); ld3, the slowest, is opt-in, and its tooltip states what each costs."""
+    import nodes
+    schema = nodes.NODE_CLASS_MAPPINGS["QuickstepOptimizeSchedule"].define_schema()
+    method = next(i for i in schema.inputs if i.id == "method")
+    assert method.default == "oss" and set(method.options) == {"ld3", "oss", "gits", "ays"}
+    assert "ld3: slowest" in method.tooltip and "model calls" in method.tooltip.lower()
