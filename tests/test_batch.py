@@ -58,6 +58,36 @@ def test_grid_keys_resolve_ids_titles_and_aliases():
         (1, 3), (1, 4), (2, 3), (2, 4)}
 
 
+def _run_cli_without(modules, tmp_path, *args):
+    """`python -m batch ARGS` in a Python where `modules` cannot be imported: each is shadowed by a package on
+    PYTHONPATH whose import fails as a missing module's does (whatever this venv has installed)."""
+    shims = tmp_path / ("shims_without_" + "_".join(modules))
+    for module in modules:
+        (shims / module).mkdir(parents=True)
+        (shims / module / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n')
+    env = dict(os.environ, PYTHONPATH=str(shims))
+    return subprocess.run([sys.executable, "-m", "batch", *args], cwd=Path(__file__).resolve().parent.parent,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_package_is_named_with_the_install_command(tmp_path):
+    run = _run_cli_without(["aiohttp", "PIL"], tmp_path, "--help")
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and "ModuleNotFoundError" not in run.stderr
+    assert "needs aiohttp, Pillow" in run.stderr and "tqdm" not in run.stderr.split("(")[0]
+    assert "-m pip install aiohttp Pillow" in run.stderr and "batch/requirements.txt" in run.stderr
+    run = _run_cli_without([], tmp_path, "--help")   # the same Python with everything: the usage text
+    assert run.returncode == 0 and "usage: python -m batch" in run.stdout, run.stderr
+
+
+def test_requirements_file_lists_what_the_runner_checks():
+    from batch.dependencies import PACKAGES, REQUIREMENTS_FILE
+    path = Path(__file__).resolve().parent.parent / REQUIREMENTS_FILE
+    listed = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    assert sorted(name for name in listed if name) == sorted(PACKAGES)
+
+
 def test_grid_key_that_does_not_exist_lists_what_does(servers, tmp_path):
     with pytest.raises(BatchInputError) as e:
         run_batch(API, servers, tmp_path / "out", grid=["seeds=1,2", "5.sampler=euler", "Nope.text=a"],
