@@ -139,22 +139,24 @@ class _Progress:
             self.tqdm = tqdm
             self.overall = tqdm(total=total, initial=initial, desc="batch", unit="job", position=0, file=sys.stderr)
 
-    def job_bar(self, job_id, server):
-        if not self.enabled:
-            return None
+    def job_bar(self, job_id, server, tracker):
+        """The job's bar, opened when the server starts the job, so that its clock and s/step leave out the time
+        the job waited in the server's queue. None when disabled."""
+        return _JobBar(self, f"{job_id} @{server.split('//')[-1]}", tracker) if self.enabled else None
+
+    def open_bar(self, label):
         slot = next(i for i in range(len(self.slots) + 1) if i == len(self.slots) or self.slots[i] is None)
         if slot == len(self.slots):
             self.slots.append(None)
-        bar = self.tqdm(total=1, desc=f"{job_id} @{server.split('//')[-1]}", unit="step", position=slot + 1,
-                        leave=False, file=sys.stderr)
+        bar = self.tqdm(total=1, desc=label, unit="step", position=slot + 1, leave=False, file=sys.stderr)
         self.slots[slot] = bar
         return bar
 
-    def job_done(self, bar):
+    def job_done(self, job_bar):
         if self.enabled:
-            if bar is not None:
-                self.slots[next(i for i, b in enumerate(self.slots) if b is bar)] = None
-                bar.close()
+            if job_bar is not None and job_bar.bar is not None:
+                self.slots[next(i for i, b in enumerate(self.slots) if b is job_bar.bar)] = None
+                job_bar.bar.close()
             self.overall.update(1)
 
     def write(self, text):
@@ -166,6 +168,25 @@ class _Progress:
     def close(self):
         if self.enabled:
             self.overall.close()
+
+
+class _JobBar:
+    """One job's tqdm bar, opened at the job's first sign of running on the server (or of progress)."""
+
+    def __init__(self, progress, label, tracker):
+        self.progress, self.label, self.bar = progress, label, None
+        tracker.on_start, tracker.on_progress = self.open, self.update
+        if tracker.started is not None:   # the server began it before its POST /prompt answer was read
+            self.open()
+
+    def open(self):
+        if self.bar is None:
+            self.bar = self.progress.open_bar(self.label)
+
+    def update(self, value, total):
+        self.open()
+        self.bar.total = total
+        self.bar.update(value - self.bar.n)
 
 
 class _Batch:
@@ -232,9 +253,7 @@ class _Batch:
             t_submit = time.time()
             tracker = await server.submit(job.prompt)
             record.update(server=server.url, prompt_id=tracker.prompt_id, submitted_at=t_submit, status="running")
-            bar = self.progress.job_bar(job.job_id, server.url)
-            if bar is not None:
-                tracker.on_progress = lambda value, total: (setattr(bar, "total", total), bar.update(value - bar.n))
+            bar = self.progress.job_bar(job.job_id, server.url, tracker)
             entry = await server.wait(tracker, self.timeout_s)
             t_end = time.time()
             started = tracker.started or t_submit

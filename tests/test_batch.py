@@ -186,6 +186,52 @@ def test_ui_format_workflow_with_progress_bars(servers, tmp_path, capsys):
     assert "batch: 100%" in capsys.readouterr().err   # the tqdm bars (overall and per job) ran
 
 
+def test_job_bar_clock_starts_when_the_server_starts_the_job(server_pair, tmp_path, monkeypatch):
+    """Three 20-digit jobs queued at once on one server: the later ones wait for the earlier. Each job's bar must
+    count from the job's start on the server (its run time), not from its submission (queue time included)."""
+    from batch import runner
+    elapsed = {}
+    job_done = runner._Progress.job_done
+
+    def record_elapsed(progress, job_bar):
+        if job_bar is not None and job_bar.bar is not None:
+            elapsed[job_bar.label.split(" @")[0]] = job_bar.bar.format_dict["elapsed"]
+        job_done(progress, job_bar)
+
+    monkeypatch.setattr(runner._Progress, "job_done", record_elapsed)
+    result = run_batch(API, [f"http://{server_pair[0].address}"], tmp_path / "out", grid=["seed=31..33", "steps=8"],
+                       queue_depth=3, progress=True)
+    assert result.exit_code == 0, result.messages
+    records = {r["job_id"]: r for r in result.records}
+    assert set(elapsed) == set(records)
+    assert max(r["queue_s"] for r in records.values()) > 1.0, "no job waited in the queue: nothing to tell apart"
+    for job_id, r in records.items():
+        assert abs(elapsed[job_id] - r["run_s"]) < 0.5, (job_id, elapsed[job_id], r["queue_s"], r["run_s"])
+
+
+def test_messages_that_arrive_before_the_prompt_is_registered_reach_its_tracker():
+    """An idle server starts a prompt before its POST /prompt answer is read: the start is kept for the tracker."""
+    import asyncio
+    from batch.servers import Server
+
+    async def scenario():
+        server = Server("http://127.0.0.1:1", session=None)
+
+        async def answer(method, path, **kwargs):
+            server.route("execution_start", {"prompt_id": "p1"})   # the websocket got there first
+            server.route("progress", {"prompt_id": "p1", "node": "5", "value": 1, "max": 8})
+            await asyncio.sleep(0.2)
+            return 200, {"prompt_id": "p1", "number": 0, "node_errors": {}}
+
+        server._request = answer
+        before = time.time()
+        tracker = await server.submit({})
+        return before, tracker, time.time(), server.unclaimed
+
+    before, tracker, after, unclaimed = asyncio.run(scenario())
+    assert before <= tracker.started <= after - 0.2 and tracker.progress == {"5": (1, 8)} and unclaimed == {}
+
+
 def test_jobs_from_csv(servers, tmp_path):
     jobs = tmp_path / "jobs.csv"
     jobs.write_text("seed,sampler_name,steps,4.batch_size\n11,euler,3,1\n12,,3,1\n")   # empty: the workflow's
