@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
+from atomic_files import is_temp_file, write_atomically
 from batch.jobs import BatchInputError, build_jobs, is_ui_format, read_jobs_csv, to_api
 from batch.servers import PromptRejected, Server, ServerUnreachable
 
@@ -39,21 +40,11 @@ class DiskFull(OSError):
 
 
 class Storage:
-    """Every file the runner writes goes through `write_bytes`: temp file then os.replace, so a file under its final
-    name is always complete. A test replaces this to simulate a full disk."""
+    """Every file the runner writes goes through `write_bytes` (atomic_files.write_atomically: a file under its final
+    name is always complete). A test replaces this to simulate a full disk."""
 
     def write_bytes(self, path, data):
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)
 
 
 @dataclass
@@ -324,8 +315,8 @@ def _set_aside_unrecorded(out_dir, records, say):
     listed = {p for r in records.values() for p in r.get("images", [])}
     images = out_dir / IMAGES
     for path in sorted(images.glob("*")):
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
-            path.unlink()   # an incomplete write
+        if is_temp_file(path.name):
+            path.unlink()   # an incomplete write (the runner holds the folder: no other writer)
         elif path.is_file() and f"{IMAGES}/{path.name}" not in listed:
             (images / UNRECORDED).mkdir(exist_ok=True)
             shutil.move(str(path), images / UNRECORDED / path.name)
