@@ -1,14 +1,21 @@
 """python -m batch run WORKFLOW [--grid KEY=V1,V2 ...| --jobs jobs.csv] --server URL [--server URL ...] --out DIR
    [--resume] [--reference KEY=VALUE ...] [--queue-depth N] [--max-jobs N] [--no-progress]
-Exit status: 0 when every job is done, 1 when some failed or did not run (listed), 2 for bad input."""
+Exit status: 0 when every job is done, 1 when some failed or did not run (listed), 2 for bad input or a package
+missing from this Python (named, with the pip command)."""
 import argparse
 import sys
 
-from batch.jobs import BatchInputError
-from batch.runner import check_manifest, run_batch
+from batch.dependencies import MissingDependencies, require
 
 
 def main(argv=None):
+    try:
+        require()
+    except MissingDependencies as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from batch.jobs import BatchInputError
+    from batch.runner import check_manifest, run_batch
     parser = argparse.ArgumentParser(prog="python -m batch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or --resume) a batch")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
+from atomic_files import is_temp_file, write_atomically
 from batch.jobs import BatchInputError, build_jobs, is_ui_format, read_jobs_csv, to_api
 from batch.servers import PromptRejected, Server, ServerUnreachable
 
@@ -39,21 +40,11 @@ class DiskFull(OSError):
 
 
 class Storage:
-    """Every file the runner writes goes through `write_bytes`: temp file then os.replace, so a file under its final
-    name is always complete. A test replaces this to simulate a full disk."""
+    """Every file the runner writes goes through `write_bytes` (atomic_files.write_atomically: a file under its final
+    name is always complete). A test replaces this to simulate a full disk."""
 
     def write_bytes(self, path, data):
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)
 
 
 @dataclass
@@ -139,22 +130,24 @@ class _Progress:
             self.tqdm = tqdm
             self.overall = tqdm(total=total, initial=initial, desc="batch", unit="job", position=0, file=sys.stderr)
 
-    def job_bar(self, job_id, server):
-        if not self.enabled:
-            return None
+    def job_bar(self, job_id, server, tracker):
+        """The job's bar, opened when the server starts the job, so that its clock and s/step leave out the time
+        the job waited in the server's queue. None when disabled."""
+        return _JobBar(self, f"{job_id} @{server.split('//')[-1]}", tracker) if self.enabled else None
+
+    def open_bar(self, label):
         slot = next(i for i in range(len(self.slots) + 1) if i == len(self.slots) or self.slots[i] is None)
         if slot == len(self.slots):
             self.slots.append(None)
-        bar = self.tqdm(total=1, desc=f"{job_id} @{server.split('//')[-1]}", unit="step", position=slot + 1,
-                        leave=False, file=sys.stderr)
+        bar = self.tqdm(total=1, desc=label, unit="step", position=slot + 1, leave=False, file=sys.stderr)
         self.slots[slot] = bar
         return bar
 
-    def job_done(self, bar):
+    def job_done(self, job_bar):
         if self.enabled:
-            if bar is not None:
-                self.slots[next(i for i, b in enumerate(self.slots) if b is bar)] = None
-                bar.close()
+            if job_bar is not None and job_bar.bar is not None:
+                self.slots[next(i for i, b in enumerate(self.slots) if b is job_bar.bar)] = None
+                job_bar.bar.close()
             self.overall.update(1)
 
     def write(self, text):
@@ -166,6 +159,25 @@ class _Progress:
     def close(self):
         if self.enabled:
             self.overall.close()
+
+
+class _JobBar:
+    """One job's tqdm bar, opened at the job's first sign of running on the server (or of progress)."""
+
+    def __init__(self, progress, label, tracker):
+        self.progress, self.label, self.bar = progress, label, None
+        tracker.on_start, tracker.on_progress = self.open, self.update
+        if tracker.started is not None:   # the server began it before its POST /prompt answer was read
+            self.open()
+
+    def open(self):
+        if self.bar is None:
+            self.bar = self.progress.open_bar(self.label)
+
+    def update(self, value, total):
+        self.open()
+        self.bar.total = total
+        self.bar.update(value - self.bar.n)
 
 
 class _Batch:
@@ -232,9 +244,7 @@ class _Batch:
             t_submit = time.time()
             tracker = await server.submit(job.prompt)
             record.update(server=server.url, prompt_id=tracker.prompt_id, submitted_at=t_submit, status="running")
-            bar = self.progress.job_bar(job.job_id, server.url)
-            if bar is not None:
-                tracker.on_progress = lambda value, total: (setattr(bar, "total", total), bar.update(value - bar.n))
+            bar = self.progress.job_bar(job.job_id, server.url, tracker)
             entry = await server.wait(tracker, self.timeout_s)
             t_end = time.time()
             started = tracker.started or t_submit
@@ -305,8 +315,8 @@ def _set_aside_unrecorded(out_dir, records, say):
     listed = {p for r in records.values() for p in r.get("images", [])}
     images = out_dir / IMAGES
     for path in sorted(images.glob("*")):
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
-            path.unlink()   # an incomplete write
+        if is_temp_file(path.name):
+            path.unlink()   # an incomplete write (the runner holds the folder: no other writer)
         elif path.is_file() and f"{IMAGES}/{path.name}" not in listed:
             (images / UNRECORDED).mkdir(exist_ok=True)
             shutil.move(str(path), images / UNRECORDED / path.name)

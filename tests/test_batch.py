@@ -58,6 +58,36 @@ def test_grid_keys_resolve_ids_titles_and_aliases():
         (1, 3), (1, 4), (2, 3), (2, 4)}
 
 
+def _run_cli_without(modules, tmp_path, *args):
+    """`python -m batch ARGS` in a Python where `modules` cannot be imported: each is shadowed by a package on
+    PYTHONPATH whose import fails as a missing module's does (whatever this venv has installed)."""
+    shims = tmp_path / ("shims_without_" + "_".join(modules))
+    for module in modules:
+        (shims / module).mkdir(parents=True)
+        (shims / module / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n')
+    env = dict(os.environ, PYTHONPATH=str(shims))
+    return subprocess.run([sys.executable, "-m", "batch", *args], cwd=Path(__file__).resolve().parent.parent,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_package_is_named_with_the_install_command(tmp_path):
+    run = _run_cli_without(["aiohttp", "PIL"], tmp_path, "--help")
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and "ModuleNotFoundError" not in run.stderr
+    assert "needs aiohttp, Pillow" in run.stderr and "tqdm" not in run.stderr.split("(")[0]
+    assert "-m pip install aiohttp Pillow" in run.stderr and "batch/requirements.txt" in run.stderr
+    run = _run_cli_without([], tmp_path, "--help")   # the same Python with everything: the usage text
+    assert run.returncode == 0 and "usage: python -m batch" in run.stdout, run.stderr
+
+
+def test_requirements_file_lists_what_the_runner_checks():
+    from batch.dependencies import PACKAGES, REQUIREMENTS_FILE
+    path = Path(__file__).resolve().parent.parent / REQUIREMENTS_FILE
+    listed = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    assert sorted(name for name in listed if name) == sorted(PACKAGES)
+
+
 def test_grid_key_that_does_not_exist_lists_what_does(servers, tmp_path):
     with pytest.raises(BatchInputError) as e:
         run_batch(API, servers, tmp_path / "out", grid=["seeds=1,2", "5.sampler=euler", "Nope.text=a"],
@@ -154,6 +184,52 @@ def test_ui_format_workflow_with_progress_bars(servers, tmp_path, capsys):
     assert result.exit_code == 0, result.messages
     assert len(result.ids("done")) == 2
     assert "batch: 100%" in capsys.readouterr().err   # the tqdm bars (overall and per job) ran
+
+
+def test_job_bar_clock_starts_when_the_server_starts_the_job(server_pair, tmp_path, monkeypatch):
+    """Three 20-digit jobs queued at once on one server: the later ones wait for the earlier. Each job's bar must
+    count from the job's start on the server (its run time), not from its submission (queue time included)."""
+    from batch import runner
+    elapsed = {}
+    job_done = runner._Progress.job_done
+
+    def record_elapsed(progress, job_bar):
+        if job_bar is not None and job_bar.bar is not None:
+            elapsed[job_bar.label.split(" @")[0]] = job_bar.bar.format_dict["elapsed"]
+        job_done(progress, job_bar)
+
+    monkeypatch.setattr(runner._Progress, "job_done", record_elapsed)
+    result = run_batch(API, [f"http://{server_pair[0].address}"], tmp_path / "out", grid=["seed=31..33", "steps=8"],
+                       queue_depth=3, progress=True)
+    assert result.exit_code == 0, result.messages
+    records = {r["job_id"]: r for r in result.records}
+    assert set(elapsed) == set(records)
+    assert max(r["queue_s"] for r in records.values()) > 1.0, "no job waited in the queue: nothing to tell apart"
+    for job_id, r in records.items():
+        assert abs(elapsed[job_id] - r["run_s"]) < 0.5, (job_id, elapsed[job_id], r["queue_s"], r["run_s"])
+
+
+def test_messages_that_arrive_before_the_prompt_is_registered_reach_its_tracker():
+    """An idle server starts a prompt before its POST /prompt answer is read: the start is kept for the tracker."""
+    import asyncio
+    from batch.servers import Server
+
+    async def scenario():
+        server = Server("http://127.0.0.1:1", session=None)
+
+        async def answer(method, path, **kwargs):
+            server.route("execution_start", {"prompt_id": "p1"})   # the websocket got there first
+            server.route("progress", {"prompt_id": "p1", "node": "5", "value": 1, "max": 8})
+            await asyncio.sleep(0.2)
+            return 200, {"prompt_id": "p1", "number": 0, "node_errors": {}}
+
+        server._request = answer
+        before = time.time()
+        tracker = await server.submit({})
+        return before, tracker, time.time(), server.unclaimed
+
+    before, tracker, after, unclaimed = asyncio.run(scenario())
+    assert before <= tracker.started <= after - 0.2 and tracker.progress == {"5": (1, 8)} and unclaimed == {}
 
 
 def test_jobs_from_csv(servers, tmp_path):
