@@ -98,12 +98,13 @@ class QuickstepDegradationOperator(io.ComfyNode):
         require_finite(label, "blur_sigma", blur_sigma, 0.1, 20.0)
         require_finite(label, "angle", angle, -360.0, 360.0)
         require_finite(label, "direction", direction, -1.0, 1.0)
+        # every choice is checked whatever the kind: a wrong value in an unused input is still a broken workflow
+        require_choice(label, "factor", factor, ("2", "4", "8"))
+        require_choice(label, "side", side, SIDES)
         try:
             if kind == "super_resolution":
-                require_choice(label, "factor", factor, ("2", "4", "8"))
                 op = operators.Downsample(int(factor), sigma_y)
             elif kind == "inpaint_box":
-                require_choice(label, "side", side, SIDES)
                 op = operators.Inpaint(operators.box_mask(height, width, fraction, side), sigma_y)
             elif kind == "inpaint_random":
                 op = operators.Inpaint(operators.random_mask(height, width, fraction, mask_seed), sigma_y)

@@ -136,11 +136,12 @@ def schedule_text(sigmas):
     return ", ".join(f"{float(s):.9g}" for s in sigmas)
 
 
-def parse_schedule_text(node, text):
+def parse_schedule_text(node, text, input_name="sigmas"):
     try:
         values = [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
     except ValueError:
-        raise QuickstepInputError(node, f"schedule {text[:80]!r} is not a comma-separated list of numbers") from None
+        raise QuickstepInputError(node, f"{input_name} = {text[:80]!r} is not a comma-separated list of numbers") \
+            from None
     return validate_sigmas(node, torch.tensor(values, dtype=torch.float32))
 
 

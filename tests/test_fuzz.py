@@ -157,12 +157,6 @@ INPUTS_FOR = {"QuickstepBlockCache": {"back_blocks": 0}}   # the 2-block test MM
 # their inputs are fuzzed by the first test only.
 NEEDS_A_CHAIN = {"QuickstepCacheCalibration": "a model that went through DeepCache / Block Cache",
                  "QuickstepRestorationSampler": "a measurement LATENT (an optional link) for the default method"}
-# Unclear refusals found by this test in files other helpers own, reported to the lead; a fix makes the test fail
-# here until the entry is removed.
-KNOWN_UNCLEAR = {
-    "QuickstepDegradationOperator.side": "nodes/restoration.py accepts any string for the combo 'side'",
-    "QuickstepSigmasFromText.sigmas": "nodes/schedules.py calls the input 'schedule' in its unparsable-text error",
-}
 SILENT_LIMIT_S = 60     # a node's defaults that run longer than this must report progress (the host's bar)
 GARBAGE_TEXT = "\x00 ;;,, \u2603 ../../etc/passwd"
 
@@ -243,7 +237,7 @@ def _reference_latents(client):
 
 def test_each_bad_input_alone_is_refused_naming_the_node_and_the_input(client, object_info, server):
     before = (_reference_latents(client), _digits_png(client))
-    findings, checked, no_provider, known = [], 0, [], set()
+    findings, checked, no_provider = [], 0, []
     for name in _quickstep_nodes(object_info):
         display = object_info[name].get("display_name") or name
         graph = _default_graph(object_info, name)
@@ -285,10 +279,8 @@ def test_each_bad_input_alone_is_refused_naming_the_node_and_the_input(client, o
                             problem = _unclear(display, input_name, result)
                     else:
                         problem = None if kind == "STRING" else f"accepted ({result.status})"
-                if problem and f"{name}.{input_name}" not in KNOWN_UNCLEAR:
+                if problem:
                     findings.append(f"{name} ({display}).{input_name} = {label} {value!r}: {problem}")
-                elif problem:
-                    known.add(f"{name}.{input_name}")
         assert server.alive(), server.log()[-3000:]
     print(f"\n{checked} single bad inputs over {len(_quickstep_nodes(object_info)) - len(no_provider)} nodes; "
           f"no link provider for {no_provider}")
@@ -296,4 +288,3 @@ def test_each_bad_input_alone_is_refused_naming_the_node_and_the_input(client, o
     assert (_reference_latents(client), _digits_png(client)) == before
     assert not no_provider
     assert not findings, "\n".join(findings)
-    assert known == set(KNOWN_UNCLEAR), "fixed? remove from KNOWN_UNCLEAR: " + ", ".join(set(KNOWN_UNCLEAR) - known)
