@@ -465,6 +465,7 @@ class DitFamily:
     classes: tuple
     blocks: tuple
     text_tokens: int
+    video: bool = False
 
 
 DOUBLE_SINGLE = (("double_block", "double_blocks", "img+txt"), ("single_block", "single_blocks", "joined"))
@@ -472,18 +473,19 @@ DIT_FAMILIES = (
     DitFamily("Flux / Flux 2", "comfy.ldm.flux.model", ("Flux",), DOUBLE_SINGLE, 512),
     DitFamily("Chroma", "comfy.ldm.chroma.model", ("Chroma",), DOUBLE_SINGLE, 512),
     DitFamily("Chroma Radiance", "comfy.ldm.chroma_radiance.model", ("ChromaRadiance",), DOUBLE_SINGLE, 512),
-    DitFamily("HunyuanVideo / HunyuanImage", "comfy.ldm.hunyuan_video.model", ("HunyuanVideo",), DOUBLE_SINGLE, 256),
+    DitFamily("HunyuanVideo / HunyuanImage", "comfy.ldm.hunyuan_video.model", ("HunyuanVideo",), DOUBLE_SINGLE, 256,
+              video=True),
     DitFamily("SD3 / SD3.5 (MMDiT)", "comfy.ldm.modules.diffusionmodules.mmdit", ("MMDiT", "OpenAISignatureMMDITWrapper"),
               (("double_block", "joint_blocks", "img+txt"),), 333),
     DitFamily("Wan 2.1 / 2.2", "comfy.ldm.wan.model",
               ("WanModel", "VaceWanModel", "CameraWanModel", "HumoWanModel"), (("double_block", "blocks", "img"),),
-              512),
+              512, video=True),
     DitFamily("Wan 2.2 Animate", "comfy.ldm.wan.model_animate", ("AnimateWanModel",),
-              (("double_block", "blocks", "img"),), 512),
+              (("double_block", "blocks", "img"),), 512, video=True),
     DitFamily("Qwen-Image", "comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",),
               (("double_block", "transformer_blocks", "img+txt"),), 256),
     DitFamily("LTXV", "comfy.ldm.lightricks.model", ("LTXVModel",),
-              (("double_block", "transformer_blocks", "img"),), 128),
+              (("double_block", "transformer_blocks", "img"),), 128, video=True),
 )
 SUPPORTED_DITS = ", ".join(f.name for f in DIT_FAMILIES)
 # Host DiTs without a usable block patch, and why: the Model Cache serves them.
@@ -549,51 +551,58 @@ REALISTIC_VIDEO = (832, 480, 81)
 VAE_SCALE = {"Wan22": (16, 4), "Wan21": (8, 4), "HunyuanVideo": (8, 4), "HunyuanVideo15": (16, 4), "LTXV": (32, 8)}
 
 
-def realistic_latent(model):
-    """(label, latent frames, latent height, latent width, channels) of the realistic size for this model."""
-    fmt = model.model.latent_format
-    video = getattr(fmt, "latent_dimensions", 2) == 3 and type(fmt).__name__ != "Wan21" or \
-        type(model.model.diffusion_model).__name__.startswith(("Wan", "VaceWan", "CameraWan", "HumoWan", "AnimateWan"))
-    spatial, temporal = VAE_SCALE.get(type(fmt).__name__, (8, 1))
-    spatial = getattr(fmt, "spacial_downscale_ratio", spatial)
+def realistic_latent(latent_format, video):
+    """(label, latent frames, latent height, latent width, channels) of the realistic size for a model."""
+    spatial, temporal = VAE_SCALE.get(type(latent_format).__name__, (8, 1))
+    spatial = getattr(latent_format, "spacial_downscale_ratio", spatial)
     width, height, frames = REALISTIC_VIDEO if video else REALISTIC_IMAGE
     label = f"{frames} frames {width}x{height}" if video else f"{width}x{height}"
-    return label, (frames - 1) // temporal + 1, height // spatial, width // spatial, fmt.latent_channels
+    return label, (frames - 1) // temporal + 1, height // spatial, width // spatial, latent_format.latent_channels
 
 
-def _patch_of(dm):
-    p = getattr(dm, "patch_size", 1)
+def _width(unet_config):
+    """The hidden width of a DiT from its host config (the keys the host's detection and our tiny configs use)."""
+    for key in ("hidden_size", "dim"):
+        if key in unet_config:
+            return int(unet_config[key])
+    if "num_attention_heads" in unet_config:
+        return int(unet_config["num_attention_heads"]) * int(unet_config.get("attention_head_dim", 64))
+    return 64 * int(unet_config["depth"])               # MMDiT: 64 x depth
+
+
+def _patch(unet_config):
+    p = unet_config.get("patch_size", 1)
     p = tuple(p) if isinstance(p, (list, tuple)) else (1, p, p)
     return (1,) * (3 - len(p)) + p
 
 
-def _element_size(model):
-    dtype = getattr(model.model, "manual_cast_dtype", None) or next(model.model.diffusion_model.parameters()).dtype
-    return max(torch.finfo(dtype).bits // 8, 2) if dtype.is_floating_point else 2
+def extra_bytes_from_config(class_name, unet_config, latent_format, layout, config, element_size, batch=2):
+    """(bytes, size label): what a cache holds at its peak for one run of a model of host class `class_name` with
+    host config `unet_config` at the realistic size of its family (REALISTIC_IMAGE / REALISTIC_VIDEO), CFG batch
+    `batch`: the forecaster's stored steps plus the copies a call keeps while it runs."""
+    family = next((f for f in DIT_FAMILIES if class_name in f.classes), None)
+    video = family.video if family is not None else getattr(latent_format, "latent_dimensions", 2) == 3
+    label, frames, h, w, channels = realistic_latent(latent_format, video)
+    points = max(config.history, qc.FORECASTER_POINTS[config.forecaster])
+    if layout["cached"] == "output residual":
+        return qc.model_cache_bytes(channels * frames * h * w, points, batch, element_size), label
+    pt, ph, pw = _patch(unet_config)
+    img, txt = -(-frames // pt) * (h // ph) * (w // pw), family.text_tokens
+    tokens = {"img+txt": (img, txt), "img": (img,), "joined": (img + txt,)}
+    segments = layout["segments"]
+    front = segments[layout["front"] - 1]
+    middle = sorted(set(segments[layout["front"]:len(segments) - layout["back"]]))
+    return qc.block_cache_bytes(tokens[family.blocks[front][2]][0], [tokens[family.blocks[m][2]] for m in middle],
+                                _width(unet_config), points, batch, element_size), label
 
 
 def estimate_extra_bytes(model, layout, config, batch=2):
-    """(bytes, size label): what a cache holds at its peak for one run at the realistic size of its family
-    (REALISTIC_IMAGE / REALISTIC_VIDEO), CFG batch `batch`, the activation dtype (at least 2 bytes), the config's
-    history: the forecaster's stored steps plus the copies a call keeps while it runs."""
-    label, frames, h, w, channels = realistic_latent(model)
-    points = max(config.history, qc.FORECASTER_POINTS[config.forecaster])
-    size = _element_size(model)
-    if layout["cached"] == "output residual":
-        latent = channels * frames * h * w
-        return qc.model_cache_bytes(latent, points, batch, size), label
-    dm = model.model.diffusion_model
-    family = dit_family(dm)
-    pt, ph, pw = _patch_of(dm)
-    img = -(-frames // pt) * (h // ph) * (w // pw)
-    txt = family.text_tokens
-    tokens = {"img+txt": (img, txt), "img": (img,), "joined": (img + txt,)}
-    width = next(getattr(dm, a) for a in ("hidden_size", "dim", "inner_dim") if isinstance(getattr(dm, a, None), int))
-    segments = layout["segments"]
-    front_seg, mid = segments[layout["front"] - 1], set(segments[layout["front"]:len(segments) - layout["back"]])
-    kinds = [family.blocks[seg][2] for seg in sorted(mid)]
-    return qc.block_cache_bytes(tokens[family.blocks[front_seg][2]][0], [tokens[k] for k in kinds], width, points,
-                                batch, size), label
+    """extra_bytes_from_config for a loaded model: its class, host config, latent format and activation dtype
+    (at least 2 bytes: fp8 weights compute in bf16)."""
+    dtype = getattr(model.model, "manual_cast_dtype", None) or next(model.model.diffusion_model.parameters()).dtype
+    size = max(torch.finfo(dtype).bits // 8, 2) if dtype.is_floating_point else 2
+    return extra_bytes_from_config(type(model.model.diffusion_model).__name__, model.model.model_config.unet_config,
+                                   model.model.latent_format, layout, config, size, batch)
 
 
 def _memory_text(model, layout, config):
