@@ -338,3 +338,47 @@ def test_extra_memory_estimate_follows_the_config(inproc):
     layout = model.result[0].model_options["transformer_options"][module.KEY].layout
     total, _ = module.estimate_extra_bytes(wan, layout, config)
     assert total == (3 + 1) * 16 * 21 * 60 * 104 * 2 * 4
+
+
+# ---------------------------------------------------------------------------------------------------- torch.compile
+
+def test_block_cache_under_torch_compile_does_not_recompile_per_block(inproc):
+    """The host's torch.compile wrapper (TorchCompileModel's, CPU-cheap "eager" backend) over a Block Cache on a
+    Flux with 10 blocks. Before the cache's bookkeeping was excluded from Dynamo, Dynamo recompiled the block patch
+    once per block position (guard `pos == k`) and fell back to eager after 8 (38 recompiles on 12 blocks). Now no
+    frame of the pack recompiles, no frame reaches the recompile limit, and the numbers equal the uncompiled cache."""
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from modelzoo import tiny_host
+    from torch._dynamo.utils import counters, guard_failures
+    base = tiny_host.build_tiny("flux", 0, depth=1, depth_single_blocks=9)
+    pos, neg = tiny_host.tiny_conditioning("flux", 0), tiny_host.tiny_conditioning("flux", 1)
+    cached = block_cache(base, **{**BLOCK_SKIPPING, "warmup_steps": 1})
+    import comfy.sample
+    import comfy.samplers
+
+    def run(patcher):
+        noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+        return comfy.sample.sample_custom(patcher, noise, 3.0, comfy.samplers.sampler_object("euler"),
+                                          sigmas_for(base, 3), pos, neg, torch.zeros_like(noise), disable_pbar=True,
+                                          seed=0)
+    reference = run(cached)
+    assert (last("BlockCache")["calls"], last("BlockCache")["computed"]) == (3, 2)
+    compiled = cached.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    guard_failures.clear()
+    try:
+        out = run(compiled)
+        graphs = counters["stats"]["unique_graphs"]
+        failures = {code: list(reasons) for code, reasons in guard_failures.items()}
+    finally:
+        torch._dynamo.reset()
+    assert graphs > 0
+    assert (last("BlockCache")["calls"], last("BlockCache")["computed"]) == (3, 2)
+    ours = {getattr(code, "co_name", code): len(r) for code, r in failures.items()
+            if "quickstep" in getattr(code, "co_filename", "")}
+    assert not ours, ours
+    assert all(len(r) < torch._dynamo.config.recompile_limit for r in failures.values()), failures
+    assert (out - reference).abs().max().item() <= 1e-5
