@@ -311,15 +311,6 @@ def test_offloaded_history_gives_the_same_result_and_reports_where(inproc):
     assert last("BlockCache")["peak_bytes"] > 0
 
 
-# Published configs (unet_config as the host detects them) of full-size models.
-FULL_SIZE = {
-    "Flux.1 dev": ("Flux", {"hidden_size": 3072, "patch_size": 2, "depth": 19, "depth_single_blocks": 38}),
-    "Wan 2.1/2.2 14B": ("WanModel", {"dim": 5120, "num_layers": 40, "patch_size": (1, 2, 2)}),
-    "Qwen-Image": ("QwenImageTransformer2DModel", {"num_attention_heads": 24, "attention_head_dim": 128,
-                                                   "patch_size": 2, "num_layers": 60}),
-}
-
-
 def test_extra_memory_estimate_follows_the_config(inproc):
     """The estimate is the stored tensors' size: (history + 1 live copy) x tokens x width x CFG batch x bytes; the
     node's summary reports it."""
