@@ -60,17 +60,16 @@ class Setup:
         self.scheduler, self.cfg = scheduler, cfg
 
 
-def build_setup(name, batch=2):
+def build_digits(name, batch):
     from modelzoo import mnist_unet
-    if name == "sd15-full-smooth":
-        # one model call takes seconds on a CPU: a 24x24 latent (192 px), batch 1, and a short sweep (SHORT_SWEEP)
-        return build_sd15_full(name, 24, 1, smooth=True)
-    if name in ("digits", "digits-flow"):
-        flow = name == "digits-flow"
-        patcher = mnist_unet.load_mnist_model(prediction="flow" if flow else "eps")
-        return Setup(name, patcher, "sd15", mnist_unet.digit_conditioning([3, 7]),
-                     mnist_unet.unconditional_conditioning(batch), mnist_unet.empty_latent(batch),
-                     "simple" if flow else "karras", 2.5)
+    flow = name == "digits-flow"
+    patcher = mnist_unet.load_mnist_model(prediction="flow" if flow else "eps")
+    return Setup(name, patcher, "sd15", mnist_unet.digit_conditioning([3, 7]),
+                 mnist_unet.unconditional_conditioning(batch), mnist_unet.empty_latent(batch),
+                 "simple" if flow else "karras", 2.5)
+
+
+def build_tiny_host(name, batch):
     arch, overrides, smooth = DEEPER_DITS.get(name, (name, {}, False))
     patcher = finite_buffers(tiny_host.build_tiny(arch, 0, **overrides))
     if smooth:
@@ -78,6 +77,24 @@ def build_setup(name, batch=2):
     channels = 4 if arch == "sd15" else 16
     return Setup(name, patcher, arch, tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1),
                  torch.zeros(batch, channels, 16, 16), "normal" if arch == "sd15" else "simple", 3.0)
+
+
+def build_tiny_dit(name, batch):
+    """A tiny seeded model of a 2026 family (modelzoo/tiny_dits.py: Wan, Qwen-Image, HunyuanVideo, LTXV, Chroma,
+    Lumina2, Z-Image), its own latent shape and conditioning."""
+    from modelzoo import tiny_dits
+    patcher = tiny_dits.build_tiny_dit(name, 0)
+    return Setup(name, patcher, name, tiny_dits.tiny_dit_conditioning(name, 0, batch=1),
+                 tiny_dits.tiny_dit_conditioning(name, 1, batch=1),
+                 torch.zeros(tiny_dits.tiny_dit_latent_shape(name, batch)), "simple", 3.0)
+
+
+def build_setup(name, batch=2):
+    """The Setup of a benchmark model by name: BUILDERS maps each name to its builder(name, batch). A new model
+    family (e.g. the trained digit models of modelzoo/digit_models.py) is one entry there."""
+    if name not in BUILDERS:
+        raise SystemExit(f"unknown model {name!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[name](name, batch)
 
 
 # name -> (architecture, config overrides of its tiny model, smooth time dependence). MMDiT's width is 64 * depth:
@@ -92,6 +109,15 @@ DEEPER_DITS = {
     # as flux12 has, so a cache can keep front and back blocks live and still skip most of the model
     "mmdit12-smooth": ("mmdit", {"depth": 4, "num_blocks": 12, "context_embedder_config": MMDIT_256_CONTEXT},
                        True),
+}
+
+
+TINY_DIT_FAMILIES = ("wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "ltxv", "chroma", "lumina2", "z_image")
+BUILDERS = {
+    "digits": build_digits, "digits-flow": build_digits,
+    "sd15-full-smooth": lambda name, batch: build_sd15_full(name, 24, 1, smooth=True),   # one call takes seconds
+    **{name: build_tiny_host for name in ("sd15", "mmdit", "flux", *DEEPER_DITS)},
+    **{name: build_tiny_dit for name in TINY_DIT_FAMILIES},
 }
 
 
@@ -188,7 +214,10 @@ def psnr(a, b):
 
 
 def ssim(a, b):
-    """SSIM of latents: both mapped to [-1, 1] by the reference's range, then samplers.operators.ssim."""
+    """SSIM of latents: both mapped to [-1, 1] by the reference's range, then samplers.operators.ssim (a video
+    latent's frames are folded into its channels)."""
+    if a.ndim == 5:
+        a, b = a.flatten(1, 2), b.flatten(1, 2)
     lo, hi = b.amin(dim=(1, 2, 3), keepdim=True), b.amax(dim=(1, 2, 3), keepdim=True)
     scale = (hi - lo).clamp_min(1e-12)
     return image_ssim(2 * (a - lo) / scale - 1, 2 * (b - lo) / scale - 1)
@@ -243,6 +272,13 @@ def configs(setup, steps, quick):
             out.append(("forecaster", f"DeepCache N=4 {fc}", ("QuickstepDeepCache",
                                                               dict(deep, interval=4, forecaster=fc))))
         return out
+    model = defaults("QuickstepModelCache")
+    out.append(("ModelCache", "ModelCache (default)", ("QuickstepModelCache", model)))
+    if not quick:
+        for t in (0.05, 0.1, 0.4):
+            out.append(("ModelCache", f"ModelCache t={t}", ("QuickstepModelCache", dict(model, threshold=t))))
+    if layout_of(setup) is None:           # no block patch (Lumina2, Z-Image, HiDream): the model cache only
+        return out
     back = 1 if len(layout_of(setup)) > 2 else 0
     block = dict(defaults("QuickstepBlockCache"), back_blocks=back)
     out.append(("BlockCache", "BlockCache (default)" + (", back_blocks 0" if not back else ""),
@@ -266,6 +302,10 @@ def configs(setup, steps, quick):
     return out
 
 
+SUMMARY_OF = {"QuickstepDeepCache": "DeepCache", "QuickstepBlockCache": "BlockCache",
+              "QuickstepModelCache": "ModelCache"}
+
+
 def layout_of(setup):
     return caching_nodes()._dit_layout(setup.patcher.model.diffusion_model)
 
@@ -276,7 +316,7 @@ def benchmark(model_name, steps, quick, log):
     for family, label, spec in configs(setup, steps, quick):
         patched = apply(setup.patcher, spec)
         out, calls, _, wall = sample(setup, patched, steps)
-        summary = caching_nodes().LAST_SUMMARY.pop("DeepCache" if setup.arch == "sd15" else "BlockCache", None)
+        summary = caching_nodes().LAST_SUMMARY.pop(SUMMARY_OF.get(spec[0]) if spec else None, None)
         _, _, flops, _ = sample(setup, patched, steps, count_flops=True)
         if ref is None:
             ref = {"out": out, "flops": flops, "wall": wall}
@@ -367,13 +407,15 @@ def main(argv=None):
                                                           "flux12-smooth", "mmdit12-smooth"])
     parser.add_argument("--quick", action="store_true", help="defaults only, no sweep")
     parser.add_argument("--out", default=str(RESULTS / "caching.json"))
+    parser.add_argument("--base", default=str(HOST_DIR / "benchbase"),
+                        help="host base directory (its custom_nodes links this checkout: one per checkout)")
     parser.add_argument("--sd15-partial-cost", action="store_true",
                         help="also measure a partial call's FLOPs on the full-size SD1.5 architecture (slow)")
     args = parser.parse_args(argv)
 
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)
-    InProcessHost(HOST_DIR / "benchbase")
+    InProcessHost(Path(args.base))
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     results, t0 = {}, time.time()

@@ -1,12 +1,16 @@
-"""Feature caches as MODEL -> MODEL nodes: DeepCache for the host UNet and a dual-block cache (DBCache / first-block
-cache) with forecasting for the host DiTs. The plain-torch parts (forecasters, skip policy, schedules, run state)
-live in samplers/caching.py.
+"""Feature caches as MODEL -> MODEL nodes: DeepCache for the host UNet, a dual-block cache (DBCache / first-block
+cache) with forecasting for the host DiTs that offer block patches, and a model-level forecasting cache for every
+model. What a cache computes (policy, forecaster, calibration) is one samplers.caching.CacheConfig; what it does in a
+run is a samplers.cache_runs RunState. This file is the host glue: layouts of the host's model classes, wrappers and
+patches, calibration files, the nodes.
 
 How they hook into the host (public extension points only; the input model is never modified, a clone is patched):
 
-- OUTER_SAMPLE wrapper (both caches): creates the run's state (sigma schedule, window in sigma, empty history) in a
+- OUTER_SAMPLE wrapper (every cache): creates the run's state (sigma schedule, window in sigma, empty history) in a
   clone of the guider's model_options, and in `finally` (success, error or interrupt) logs what it did and frees
   every cached tensor. Nothing survives into the next prompt; a model call outside a sampling run passes through.
+  Each patched model has its own state: a Wan 2.2 high-noise and low-noise expert, each through its own cache node
+  and KSamplerAdvanced, never see each other's history, and each run starts computing.
 
 - DeepCache (comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel): a DIFFUSION_MODEL wrapper plus an
   output_block_patch. Full steps run the UNet unchanged; the output_block_patch stores the deep feature h* that
@@ -16,29 +20,32 @@ How they hook into the host (public extension points only; the input model is ne
   input / output patches and attention patches all still run; the output_block_patch swaps in h* (or its forecast)
   for the first remaining output block and restores the block ids and transformer_index the skipped blocks would
   have advanced, so attention patches keyed by ("output", n) still see the right blocks. ControlNet residuals are
-  re-aligned to the blocks that run (the deep ones are inside the cached feature). Copying the UNet forward was the
-  alternative; this keeps every host patch point live and follows the host's forward as it changes.
+  re-aligned to the blocks that run (the deep ones are inside the cached feature).
 
-- Block cache (Flux / Chroma-style double+single blocks, SD3 MMDiT joint blocks): one patches_replace["dit"] entry
-  per block. The first Fn blocks always run; from the change of their residual against its forecast (last computed
-  steps) the policy decides whether the middle runs. If it runs, the middle's residual (per stream: img, txt) is
-  stored at each sigma; if not, the middle blocks return their input and the last one adds the forecast residual.
-  The last Bn blocks always run on top. First-block cache is Fn=1, Bn=0.
+- Block Cache (host DiTs whose forward offers patches_replace["dit"] per block: Flux / Flux 2, Chroma, SD3 MMDiT,
+  Wan 2.1/2.2, Qwen-Image, HunyuanVideo, LTXV; see DIT_FAMILIES): one patch per block. The first Fn blocks always
+  run; from the change of their residual against its forecast (last computed steps) the policy decides whether the
+  middle runs. If it runs, the middle's residual (per stream: img, txt) is stored at each sigma; if not, the middle
+  blocks return their input and the last one adds the forecast residual. The last Bn blocks always run on top.
+  ControlNet / VACE residuals the host adds between blocks still run on every block.
+
+- Model Cache (every model: a DIFFUSION_MODEL wrapper): caches the whole output's residual and forecasts it; see
+  samplers.cache_runs.ModelCacheRun. HiDream and Lumina2 / Z-Image offer no block patch: this is their cache.
 
 - Calibrated policy (MagCache): the Calibrate Cache node samples once with the cache computing every step, records
-  the magnitude curve of the cached tensor (DeepCache: the deep feature; Block Cache: the middle's residual entering
-  the back blocks) and writes it as JSON (write-then-rename) under models/quickstep_cache_calibrations/. A cache node
-  set to the calibrated policy loads it, checks it was made for this cache layout and model (and, when sampling
-  starts, this sampler), and computes the steps MagCache's rule picks on the run's own sigmas.
+  the magnitude curve of the cached tensor and writes it as JSON (write-then-rename) under
+  models/quickstep_cache_calibrations/. A cache node set to the calibrated policy loads it, checks it was made for
+  this cache layout and model (and, when sampling starts, this sampler and this schedule's sigma range), and
+  computes the steps MagCache's rule picks on the run's own sigmas.
 
 State is per run, per batch group (the uuids of the conds evaluated together: CFG positive/negative keep separate
 histories) and reset when the input shape, dtype or device change (batch size, resolution).
 """
-import copy
 import inspect
 import json
 import logging
 import os
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -46,6 +53,7 @@ from comfy_api.latest import io, ui
 
 from ..atomic_files import write_json_atomically
 from .common import CATEGORY, QuickstepInputError, require_choice, require_finite
+from ..samplers import cache_runs as runs
 from ..samplers import caching as qc
 
 KEY = "quickstep_cache"
@@ -58,61 +66,138 @@ def _run_state(transformer_options):
     return state if isinstance(state, qc.RunState) else None
 
 
-def _sigma_of(state, transformer_options):
-    """The one sigma of this model call. A call that evaluates several noise levels at once (parallel-in-time
-    sampling: one sigma per batch element) is refused: the cache's state follows a single step sequence."""
+def wrapper_argument(executor, args, kwargs, name, default=None):
+    """Argument `name` of the call a wrapper intercepts, read by name from the wrapped function's signature (the
+    host's positions differ between models and versions); `default` when the call does not pass it."""
+    signature = inspect.signature(executor.original)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    if name in bound:
+        return bound[name]
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return bound.get(p.name, {}).get(name, default)
+    return default
+
+
+def _sigma_of(transformer_options, node):
+    """The one sigma of a model call. A cache keeps one history per batch group in the run's own time, so a call
+    with different sigmas per sample (parallel-in-time sampling batches several steps) cannot be served."""
     s = transformer_options.get("sigmas")
     if not torch.is_tensor(s):
         return float(s)
-    if s.numel() > 1 and bool((s != s.flatten()[0]).any()):
-        raise QuickstepInputError(state.config.node, f"one model call evaluates several noise levels "
-                                  f"({sorted({round(float(v), 4) for v in s.flatten()}, reverse=True)}), as a "
-                                  "parallel-in-time sampler (Parallel-in-Time Sampling, qs_paradigms) does; the cache "
-                                  "follows one step at a time: use a sequential sampler, or the model without the cache")
-    return float(s.flatten()[0])
-
-
-def _arguments(executor, args, kwargs):
-    """The wrapped host function's arguments by name (the host passes some by position; a newer host may add or
-    move them), defaults included. Call the next executor with `executor(*bound.args, **bound.kwargs)`."""
-    bound = inspect.signature(executor.original).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound
+    flat = s.detach().flatten()
+    if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+        raise QuickstepInputError(node, f"one model call evaluates several noise levels "
+                                        f"({', '.join(f'{float(v):.4g}' for v in flat[:4])}...), as a "
+                                        "parallel-in-time sampler (Parallel-in-Time Sampling, qs_paradigms) does: a "
+                                        "cache keeps one history per step; use a sequential sampler, or the model "
+                                        "without the cache")
+    return float(flat[0])
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
+    import comfy.model_management
     import comfy.model_patcher
     guider = executor.class_obj
     orig = guider.model_options
     state = None
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-        config = guider.model_options["transformer_options"][KEY]
-        arguments = _arguments(executor, args, kwargs).arguments
-        if config.calibration is not None:
-            _check_sampler(config.node, config.calibration, arguments["sampler"])
-        # the patched object (a ModelSamplingSD3 / Flux shift node's): object patches apply only when sampling loads
-        state = config.new_run(arguments["sigmas"], guider.model_patcher.get_model_object("model_sampling"))
-        state.measured = config.measure
+        setup = guider.model_options["transformer_options"][KEY]
+        sigmas = wrapper_argument(executor, args, kwargs, "sigmas")
+        sampler = wrapper_argument(executor, args, kwargs, "sampler")
+        if setup.config.calibration is not None:
+            try:
+                setup.config.calibration.check_sampler(sampler_name(sampler))
+            except ValueError as e:
+                raise QuickstepInputError(setup.node, str(e))
+        state = setup.new_run(sigmas, guider.model_patcher.get_model_object("model_sampling"),
+                              comfy.model_management.unet_offload_device())
         guider.model_options["transformer_options"][KEY] = state
         return executor(*args, **kwargs)
     finally:
         if state is not None:
             figures = state.finish()
             LAST_SUMMARY[state.name] = figures
+            if state.measured is not None:
+                setup.measured = state.measured
             logging.info(figures["line"])
             state.clear()
         guider.model_options = orig
 
 
-def _window(model_sampling, start_percent, end_percent):
-    return model_sampling.percent_to_sigma(start_percent), model_sampling.percent_to_sigma(end_percent)
+@dataclass
+class CacheSetup:
+    """What a cache node attaches to the model (in transformer_options[KEY]): the node's name, the cache kind, its
+    layout (plain dict: what is cached where), one CacheConfig and the RunState class; new_run makes a run's state."""
+    node: str
+    cache: str
+    layout: dict
+    config: qc.CacheConfig
+    run_class: type
+    measured: list = field(default=None)
+
+    def structure(self):
+        return structure_of(self.layout)
+
+    def measuring(self):
+        return replace(self, config=self.config.measuring(), layout=dict(self.layout, **MEASURING_LAYOUT),
+                       measured=None)
+
+    def new_run(self, sigmas, model_sampling, storage):
+        hi = model_sampling.percent_to_sigma(self.config.start_percent)
+        lo = model_sampling.percent_to_sigma(self.config.end_percent)
+        try:
+            return self.run_class(self.config, self.layout, sigmas, hi, lo, storage)
+        except ValueError as e:              # a calibration made for another schedule's sigma range
+            raise QuickstepInputError(self.node, str(e))
+
+
+STRUCTURE_KEYS = ("branch", "front_blocks", "back_blocks", "blocks")
+
+
+def structure_of(layout):
+    """What a calibration must match besides the cache kind: the layout entries that define the cached tensor."""
+    return {k: v for k, v in layout.items() if k in STRUCTURE_KEYS}
+MEASURING_LAYOUT = {"interval": 1, "schedule": "uniform"}
+
+
+def _attach(node, model, cache, layout, config, run_class):
+    """A clone of `model` carrying the cache: its setup and the OUTER_SAMPLE wrapper (the caller adds patches)."""
+    import comfy.patcher_extension as pe
+    if KEY in model.model_options.get("transformer_options", {}):
+        raise QuickstepInputError(node, "the model already carries a Quickstep cache; apply only one")
+    out = model.clone()
+    out.model_options["transformer_options"][KEY] = CacheSetup(node, cache, layout, config, run_class)
+    out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_wrapper)
+    return out
+
+
+def _config(node, **values):
+    """A CacheConfig from a node's inputs; an invalid value is the node's input error."""
+    try:
+        return qc.CacheConfig(**values)
+    except ValueError as e:
+        raise QuickstepInputError(node, str(e))
+
+
+def _parse_mask(node, text):
+    out = set()
+    for part in (text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.add(int(part))
+        except ValueError:
+            raise QuickstepInputError(node, f"compute_steps entry {part!r} is not an integer step index")
+    return frozenset(out)
 
 
 # -------------------------------------------------------------------------------------------------------- Calibration
 
 CALIBRATION_FOLDER = "quickstep_cache_calibrations"
-POLICIES = ("residual-probe", "calibrated")
+POLICIES = qc.POLICIES
 
 
 def calibration_path(node, name):
@@ -131,7 +216,8 @@ def calibration_path(node, name):
 def model_signature(model):
     """What a calibration must match: the architecture (class, host config, parameter count) and the model's
     time parameterisation. Weights are not hashed (a LoRA-patched model keeps its base model's calibration, and the
-    patched state of the weights depends on what ran before), so two fine-tunes of one architecture look alike."""
+    patched state of the weights depends on what ran before), so two fine-tunes of one architecture look alike:
+    a Wan 2.2 high-noise and low-noise expert are told apart by the sigma range a calibration covers."""
     dm = model.model.diffusion_model
     ms = model.get_model_object("model_sampling")
     return {"class": type(dm).__name__, "config": type(model.model.model_config).__name__,
@@ -146,104 +232,48 @@ def sampler_name(sampler):
     return getattr(fn, "__name__", None) or type(sampler).__name__
 
 
-def _check_sampler(node, record, sampler):
-    name = sampler_name(sampler)
-    if name != record["sampler"]:
-        raise QuickstepInputError(node, f"calibration {record['name']!r} was made with sampler {record['sampler']!r}, "
-                                        f"this run uses {name!r}: magnitude curves differ between samplers, "
-                                        "calibrate again with this sampler")
-
-
 def load_calibration(node, name, cache, structure, model):
-    """(record, MagnitudeCurve) of the stored calibration `name`, checked against this cache and model."""
+    """The stored calibration `name` (a samplers.caching.Calibration), checked against this cache and model."""
     path = calibration_path(node, name)
     if not os.path.exists(path):
         raise QuickstepInputError(node, f"calibration = {name!r}: no file {path}; make one with the Calibrate Cache "
                                         "node on this model and sampler")
     try:
         with open(path) as f:
-            record = json.load(f)
-        if record.get("format") != qc.CALIBRATION_FORMAT:
-            raise ValueError(f"format is {record.get('format')!r}, expected {qc.CALIBRATION_FORMAT!r}")
-        curve = qc.MagnitudeCurve(record["sigmas"], record["gammas"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            calibration = qc.Calibration.from_record(name, json.load(f))
+    except (OSError, ValueError, TypeError) as e:
         raise QuickstepInputError(node, f"calibration = {name!r} ({path}) is not a usable calibration: {e}")
-    record["name"] = name
-    if record.get("cache") != cache:
-        raise QuickstepInputError(node, f"calibration {name!r} was made for {record.get('cache')}, not {cache}")
-    if record.get("structure") != structure:
-        raise QuickstepInputError(node, f"calibration {name!r} was made with {record.get('structure')}, this cache "
-                                        f"uses {structure}: the cached tensor differs, calibrate again")
-    here = model_signature(model)
-    diff = {k: (record.get("model", {}).get(k), v) for k, v in here.items() if record.get("model", {}).get(k) != v}
-    if diff:
-        raise QuickstepInputError(node, f"calibration {name!r} was made for another model: "
-                                        + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
-    return record, curve
+    try:
+        calibration.check(cache, structure, model_signature(model))
+    except ValueError as e:
+        raise QuickstepInputError(node, str(e))
+    return calibration
 
 
-class CacheConfig:
-    """What a cache node attaches to the model (in transformer_options[KEY]); new_run makes the per-run state."""
-    node = cache = ""
-    calibration = curve = measure = None
+def _policy_inputs(node, policy, calibration, policy_name="policy"):
+    """The calibration name, checked against the policy (or DeepCache's schedule) that uses it."""
+    calibration = (calibration or "").strip()
+    if (policy == "calibrated") != bool(calibration):
+        raise QuickstepInputError(node, f"{policy_name} = {policy!r} with calibration = {calibration!r}: the "
+                                        f"calibrated {policy_name} needs a calibration name, and a calibration is "
+                                        f"used only by the calibrated {policy_name}")
+    return calibration
 
-    def measuring(self):
-        """A copy that computes every step and records the magnitude curve (for the Calibrate Cache node)."""
-        out = copy.copy(self)
-        out.measure, out.calibration, out.curve = [], None, None
-        return out
+
+def few_step_input(default=qc.FEW_STEP_LIMIT):
+    return io.Int.Input("few_step_limit", default=default, min=0, max=100, optional=True,
+                        tooltip="A run of this many steps or fewer computes every step: distilled few-step "
+                                "schedules (Lightning, LCM, CausVid, 4-8 steps) have no step to spare. 0: never "
+                                "back off.")
+
+
+def offload_input():
+    return io.Boolean.Input("offload", default=False, optional=True,
+                            tooltip="Keep the cached tensors on the offload device (system RAM) instead of the GPU: "
+                                    "less VRAM, a copy per cached and computed step.")
 
 
 # ----------------------------------------------------------------------------------------------------------- DeepCache
-
-class DeepCacheConfig(CacheConfig):
-    node, cache = "DeepCache", "DeepCache"
-
-    def __init__(self, interval, schedule, branch, start_percent, end_percent, forecaster, history, blocks,
-                 threshold=0.0, calibration=None, curve=None):
-        self.interval, self.schedule, self.branch = interval, schedule, branch
-        self.start_percent, self.end_percent = start_percent, end_percent
-        self.forecaster, self.history, self.blocks = forecaster, history, blocks
-        self.threshold, self.calibration, self.curve = threshold, calibration, curve
-
-    def structure(self):
-        return {"branch": self.branch}
-
-    def measuring(self):
-        out = super().measuring()
-        out.interval, out.schedule = 1, "uniform"
-        return out
-
-    def new_run(self, sigmas, model_sampling):
-        return DeepCacheRun(self, sigmas, model_sampling)
-
-
-class DeepCacheRun(qc.RunState):
-    def __init__(self, config, sigmas, model_sampling):
-        super().__init__("DeepCache", sigmas, config.forecaster, config.history)
-        self.config, self.branch, self.blocks = config, config.branch, config.blocks
-        hi, lo = self.window = _window(model_sampling, config.start_percent, config.end_percent)
-        window = [i for i in range(self.steps) if lo < self.sigmas[i] <= hi]
-        start, end = (window[0], window[-1] + 1) if window else (self.steps, self.steps)
-        if config.curve is not None:        # calibrated: `interval` - 1 partial steps in a row at most
-            self.full = set(qc.calibrated_full_steps(config.curve, self.sigmas, config.threshold,
-                                                     config.interval - 1, start_sigma=hi, end_sigma=lo))
-        else:
-            self.full = set(qc.full_steps(self.steps, config.interval, config.schedule, start, end))
-        self.transformer_index = None
-        self.partial_calls = 0
-
-    def finish(self):
-        calls = sum(g.calls for g in self.groups.values())
-        full = sum(g.computed for g in self.groups.values())
-        schedule = (f"calibrated by {self.config.calibration['name']!r} at threshold {self.config.threshold}"
-                    if self.config.curve is not None else self.config.schedule)
-        line = (f"DeepCache: {full}/{calls} model calls ran the whole UNet, {self.partial_calls} partial "
-                f"(branch {self.branch}, interval {self.config.interval}, {schedule}, "
-                f"{self.forecaster}) over {self.steps} steps; history peak {self.peak_bytes / 2 ** 20:.2f} MiB")
-        return {"line": line, "calls": calls, "computed": full, "partial": self.partial_calls,
-                "peak_bytes": self.peak_bytes, "steps": self.steps, "window": self.window}
-
 
 def _realign_control(control, m, L):
     """ControlNet residuals for the blocks that run on a partial step (apply_control pops from the end)."""
@@ -259,15 +289,21 @@ def _realign_control(control, m, L):
     return out
 
 
+def _with_argument(executor, args, kwargs, name, value):
+    """(args, kwargs) of the intercepted call with argument `name` replaced, wherever the caller put it."""
+    bound = inspect.signature(executor.original).bind(*args, **kwargs)
+    bound.arguments[name] = value
+    return bound.args, bound.kwargs
+
+
 def _deepcache_wrapper(executor, *args, **kwargs):
-    bound = _arguments(executor, args, kwargs)
-    to = bound.arguments.get("transformer_options") or {}
+    to = wrapper_argument(executor, args, kwargs, "transformer_options", {})
     state = _run_state(to)
-    if not isinstance(state, DeepCacheRun):
+    if not isinstance(state, runs.DeepCacheRun):
         return executor(*args, **kwargs)
     unet = executor.class_obj
-    x = bound.arguments["x"]
-    sigma = _sigma_of(state, to)
+    x = wrapper_argument(executor, args, kwargs, "x")
+    sigma = _sigma_of(to, "DeepCache")
     step = state.step_of(sigma)
     group = state.group(to.get("uuids", []), x)
     group.calls += 1
@@ -290,14 +326,15 @@ def _deepcache_wrapper(executor, *args, **kwargs):
     call["deep"] = site.predict(sigma)
     group.forecast_points += site.points_used
     state.partial_calls += 1
-    if bound.arguments.get("control") is not None:
-        bound.arguments["control"] = _realign_control(bound.arguments["control"], m, L)
+    control = wrapper_argument(executor, args, kwargs, "control")
+    if control is not None:
+        args, kwargs = _with_argument(executor, args, kwargs, "control", _realign_control(control, m, L))
     saved = (unet.input_blocks, unet.middle_block, unet.output_blocks)
     try:
         unet.input_blocks = torch.nn.ModuleList(list(saved[0])[:m + 1])
         unet.middle_block = None
         unet.output_blocks = torch.nn.ModuleList(list(saved[2])[L - 1 - m:])
-        return executor(*bound.args, **bound.kwargs)
+        return executor(*args, **kwargs)
     finally:
         unet.input_blocks, unet.middle_block, unet.output_blocks = saved
         state.current = None
@@ -305,7 +342,7 @@ def _deepcache_wrapper(executor, *args, **kwargs):
 
 def _deepcache_output_patch(h, hsp, transformer_options):
     state = _run_state(transformer_options)
-    call = state.current if isinstance(state, DeepCacheRun) else None
+    call = state.current if isinstance(state, runs.DeepCacheRun) else None
     if call is None:
         return h, hsp
     idx = transformer_options["block"][1]
@@ -372,235 +409,222 @@ class QuickstepDeepCache(io.ComfyNode):
                 io.Float.Input("threshold", default=DEEPCACHE_THRESHOLD, min=0.0, max=2.0, step=0.01, optional=True,
                                tooltip="Calibrated schedule only: error budget of MagCache's rule (sum of "
                                        "|1 - magnitude ratio| over partial steps in a row). Larger skips more."),
+                few_step_input(),
+                offload_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with DeepCache.")])
 
     @classmethod
     def execute(cls, model, interval, schedule, branch, start_percent, end_percent, forecaster, history,
-                calibration="", threshold=DEEPCACHE_THRESHOLD):
+                calibration="", threshold=DEEPCACHE_THRESHOLD, few_step_limit=qc.FEW_STEP_LIMIT, offload=False):
         node = "DeepCache"
         require_finite(node, "interval", interval, 1, 10)
         require_choice(node, "schedule", schedule, DEEPCACHE_SCHEDULES)
-        require_finite(node, "threshold", threshold, 0.0, 2.0)
-        calibration = (calibration or "").strip()
-        if (schedule == "calibrated") != bool(calibration):
-            raise QuickstepInputError(node, f"schedule = {schedule!r} with calibration = {calibration!r}: the "
-                                            "calibrated schedule needs a calibration name, and a calibration is used "
-                                            "only by the calibrated schedule")
+        calibration = _policy_inputs(node, schedule, calibration, "schedule")
         require_choice(node, "forecaster", forecaster, qc.FORECASTERS)
-        require_finite(node, "history", history, 1, 8)
-        require_finite(node, "start_percent", start_percent, 0.0, 1.0)
-        require_finite(node, "end_percent", end_percent, 0.0, 1.0)
-        if start_percent >= end_percent:
-            raise QuickstepInputError(node, f"start_percent = {start_percent} must be below end_percent = {end_percent}")
         dm = model.model.diffusion_model
         if not isinstance(dm, _unet_class()):
             raise QuickstepInputError(node, f"model family {type(dm).__name__} is not supported: DeepCache works on "
-                                            "ComfyUI's UNetModel (SD1.x, SD2, SDXL, SVD). For Flux or SD3 use Block Cache (DiT).")
+                                            "ComfyUI's UNetModel (SD1.x, SD2, SDXL, SVD). For a DiT use Block Cache "
+                                            "(DiT) or Model Cache (any model).")
         L = len(dm.input_blocks)
         if len(dm.output_blocks) != L:
             raise QuickstepInputError(node, f"this UNet has {L} input and {len(dm.output_blocks)} output blocks; "
                                             "DeepCache needs them paired")
         require_finite(node, "branch", branch, 0, L - 1)
-        if KEY in model.model_options.get("transformer_options", {}):
-            raise QuickstepInputError(node, "the model already carries a Quickstep cache; apply only one")
-        record = curve = None
+        layout = {"branch": branch, "unet_blocks": L, "interval": interval, "schedule": schedule}
+        config = _config(node, threshold=threshold, warmup=0, max_consecutive=interval - 1, forecaster=forecaster,
+                         history=history, start_percent=start_percent, end_percent=end_percent,
+                         few_step_limit=few_step_limit, offload=bool(offload))
         if calibration:
-            record, curve = load_calibration(node, calibration, "DeepCache", {"branch": branch}, model)
-        out = model.clone()
-        out.model_options["transformer_options"][KEY] = DeepCacheConfig(
-            interval, schedule, branch, start_percent, end_percent, forecaster, history, L, threshold, record, curve)
+            config = replace(config, calibration=load_calibration(node, calibration, "DeepCache",
+                                                                  structure_of(layout), model))
         import comfy.patcher_extension as pe
-        out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_wrapper)
+        out = _attach(node, model, "DeepCache", layout, config, runs.DeepCacheRun)
         out.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, _deepcache_wrapper)
         out.set_model_output_block_patch(_deepcache_output_patch)
         plan = (f"calibrated by {calibration!r} (threshold {threshold}, at most {interval - 1} partial in a row)"
                 if calibration else f"1 full step in {interval}, {schedule}")
         text = (f"DeepCache: branch {branch} of {L} blocks, {plan}, window {start_percent}-{end_percent}, "
-                f"{forecaster} forecast from {history} stored deep features; each run logs what it skipped")
+                f"{forecaster} forecast from {history} stored deep features"
+                + (f", off at <= {few_step_limit} steps" if few_step_limit else "")
+                + ("; history on the offload device" if offload else "") + "; each run logs what it skipped")
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 
 # ------------------------------------------------------------------------------------------------------- Block cache
 
-def _dit_layout(dm):
-    """[(block_name, index, segment)] in execution order for supported DiTs, or None."""
-    from comfy.ldm.flux.model import Flux
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-    classes = [(Flux, "flux")]
-    try:
-        from comfy.ldm.chroma.model import Chroma
-        classes.append((Chroma, "chroma"))
-    except ImportError:
-        pass
-    for cls_, _ in classes:
-        if isinstance(dm, cls_):
-            return ([("double_block", i, 0) for i in range(len(dm.double_blocks))] +
-                    [("single_block", i, 1) for i in range(len(dm.single_blocks))])
-    if isinstance(dm, MMDiT):
-        return [("double_block", i, 0) for i in range(len(dm.joint_blocks))]
+@dataclass(frozen=True)
+class DitFamily:
+    """A host DiT family whose forward offers patches_replace["dit"] per block. `classes`: the host class names
+    served (exact types: a subclass may hand its blocks other arguments, e.g. LTXAV's (video, audio) pair on 0.33).
+    `blocks`: (patch name, block list attribute, streams the blocks update) in execution order, one segment each;
+    streams: "img+txt" (double stream), "img" (text only read: Wan, LTXV), "joined" (single stream over img + txt).
+    text_tokens: a typical prompt's token count, for the memory estimate."""
+    name: str
+    module: str
+    classes: tuple
+    blocks: tuple
+    text_tokens: int
+    video: bool = False
+
+
+DOUBLE_SINGLE = (("double_block", "double_blocks", "img+txt"), ("single_block", "single_blocks", "joined"))
+DIT_FAMILIES = (
+    DitFamily("Flux / Flux 2", "comfy.ldm.flux.model", ("Flux",), DOUBLE_SINGLE, 512),
+    DitFamily("Chroma", "comfy.ldm.chroma.model", ("Chroma",), DOUBLE_SINGLE, 512),
+    DitFamily("Chroma Radiance", "comfy.ldm.chroma_radiance.model", ("ChromaRadiance",), DOUBLE_SINGLE, 512),
+    DitFamily("HunyuanVideo / HunyuanImage", "comfy.ldm.hunyuan_video.model", ("HunyuanVideo",), DOUBLE_SINGLE, 256,
+              video=True),
+    DitFamily("SD3 / SD3.5 (MMDiT)", "comfy.ldm.modules.diffusionmodules.mmdit", ("MMDiT", "OpenAISignatureMMDITWrapper"),
+              (("double_block", "joint_blocks", "img+txt"),), 333),
+    DitFamily("Wan 2.1 / 2.2", "comfy.ldm.wan.model",
+              ("WanModel", "VaceWanModel", "CameraWanModel", "HumoWanModel"), (("double_block", "blocks", "img"),),
+              512, video=True),
+    DitFamily("Wan 2.2 Animate", "comfy.ldm.wan.model_animate", ("AnimateWanModel",),
+              (("double_block", "blocks", "img"),), 512, video=True),
+    DitFamily("Qwen-Image", "comfy.ldm.qwen_image.model", ("QwenImageTransformer2DModel",),
+              (("double_block", "transformer_blocks", "img+txt"),), 256),
+    DitFamily("LTXV", "comfy.ldm.lightricks.model", ("LTXVModel",),
+              (("double_block", "transformer_blocks", "img"),), 128, video=True),
+)
+SUPPORTED_DITS = ", ".join(f.name for f in DIT_FAMILIES)
+# Host DiTs without a usable block patch, and why: the Model Cache serves them.
+NO_BLOCK_PATCH = {
+    "HiDreamImageTransformer2DModel": "HiDream's forward offers no block patch",
+    "NextDiT": "Lumina2 / Z-Image's forward offers no block patch",
+    "WanModel_S2V": "Wan 2.2 S2V's block patch gets no transformer_options on ComfyUI 0.3.75",
+    "LTXAVModel": "LTX-2's block patch carries a (video, audio) pair",
+}
+
+
+def dit_family(dm):
+    """The DitFamily serving the diffusion model `dm` (exact class match), or None."""
+    import importlib
+    for family in DIT_FAMILIES:
+        if type(dm).__name__ not in family.classes:
+            continue
+        try:
+            module = importlib.import_module(family.module)
+        except ImportError:
+            continue
+        if type(dm) is getattr(module, type(dm).__name__, None):
+            return family
     return None
 
 
-SUPPORTED_DITS = "Flux (FLUX.1, Flux-based), Chroma and SD3/SD3.5 (MMDiT)"
+def _dit_layout(dm):
+    """[(patch name, index, segment)] in execution order for a supported DiT, or None."""
+    family = dit_family(dm)
+    if family is None:
+        return None
+    return [(patch, i, seg) for seg, (patch, attr, _) in enumerate(family.blocks)
+            for i in range(len(getattr(dm, attr)))]
 
 
-class BlockCacheConfig(CacheConfig):
-    node, cache = "Block Cache", "BlockCache"
-
-    def __init__(self, layout, front, back, policy_args, forecaster, history, always, calibration=None, curve=None):
-        self.layout, self.front, self.back = layout, front, back
-        self.policy_args, self.forecaster, self.history, self.always = policy_args, forecaster, history, always
-        self.calibration, self.curve = calibration, curve
-
-    def structure(self):
-        return {"front_blocks": self.front, "back_blocks": self.back, "blocks": len(self.layout)}
-
-    def measuring(self):
-        out = super().measuring()
-        out.policy_args = dict(self.policy_args, threshold=0.0)
-        return out
-
-    def new_run(self, sigmas, model_sampling):
-        return BlockCacheRun(self, sigmas, model_sampling)
+def _unsupported_block_family(node, dm):
+    why = NO_BLOCK_PATCH.get(type(dm).__name__, "it is not a host DiT with block patches")
+    return QuickstepInputError(node, f"model family {type(dm).__name__} is not supported ({why}); supported: "
+                                     f"{SUPPORTED_DITS}. Use Model Cache (any model) for it, or DeepCache (UNet) "
+                                     "for SD1.x/SDXL UNets.")
 
 
-class BlockCacheRun(qc.RunState):
-    def __init__(self, config, sigmas, model_sampling):
-        super().__init__("BlockCache", sigmas, config.forecaster, config.history)
-        self.config = config
-        a = config.policy_args
-        hi, lo = self.window = _window(model_sampling, a["start_percent"], a["end_percent"])
-        steps = self.steps
-        always = frozenset(i % steps for i in config.always if -steps <= i < steps)
-        self.policy = qc.SkipPolicy(a["threshold"], a["warmup"], a["max_consecutive"], hi, lo, always)
-        self.planned = None             # calibrated: the steps that compute, fixed before sampling
-        if config.curve is not None:
-            self.planned = frozenset(qc.calibrated_full_steps(config.curve, self.sigmas, a["threshold"],
-                                                              a["max_consecutive"], a["warmup"], hi, lo, always))
-        n = len(config.layout)
-        self.n, self.mid_lo, self.mid_hi = n, config.front, n - config.back
-        self.blocks_run = 0
-        self.blocks_total = 0
-
-    def finish(self):
-        calls = sum(g.calls for g in self.groups.values())
-        computed = sum(g.computed for g in self.groups.values())
-        cached = calls - computed
-        fc = sum(g.forecast_points for g in self.groups.values())
-        ratio = self.blocks_total / self.blocks_run if self.blocks_run else 1.0
-        policy = (f"calibrated by {self.config.calibration['name']!r}" if self.planned is not None
-                  else "residual probe")
-        line = (f"BlockCache F{self.config.front}B{self.config.back} ({policy}, threshold "
-                f"{self.config.policy_args['threshold']}): computed {computed}/{calls} model calls over "
-                f"{self.steps} steps, {cached} cached"
-                + (f" ({self.forecaster} forecast from {fc / cached:.1f} points avg)" if cached and self.forecaster != "reuse" else "")
-                + f", blocks run {self.blocks_run}/{self.blocks_total} ({ratio:.2f}x less block compute), "
-                f"history peak {self.peak_bytes / 2 ** 20:.2f} MiB")
-        return {"line": line, "calls": calls, "computed": computed, "blocks_run": self.blocks_run,
-                "blocks_total": self.blocks_total, "peak_bytes": self.peak_bytes, "steps": self.steps,
-                "window": self.window}
-
-
-def _streams(d, clone=False):
-    """The hidden-state streams of a block's args or output. The host's blocks update their inputs in place
-    (img += ...), so inputs kept across a block are cloned."""
-    return {k: (d[k].clone() if clone and d[k] is not None else d[k])
-            for k in ("img", "txt") if k in d and (torch.is_tensor(d[k]) or d[k] is None)}
-
-
-def _make_block_patch(pos):
+def _make_block_patch(pos, patch_name):
+    """The patch of block `pos`. Dynamo skips this frame (not what it calls): the cache's bookkeeping is excluded
+    from tracing in samplers.cache_runs and the host block compiles on its own, once per block signature rather
+    than once per position."""
     def patch(args, extra):
-        to = args.get("transformer_options", {})
-        state = _run_state(to)
-        if not isinstance(state, BlockCacheRun):
+        to = args.get("transformer_options") or {}
+        run = to.get(KEY)
+        if not isinstance(run, runs.BlockCacheRun):
             return extra["original_block"](args)
-        layout = state.config.layout
-        seg = layout[pos][2]
-        if pos == 0 or state.current is None:
-            sigma = _sigma_of(state, to)
-            group = state.group(to.get("uuids", []), args["img"])
-            group.calls += 1
-            state.current = {"group": group, "sigma": sigma, "step": state.step_of(sigma), "compute": True,
-                             "probe_base": None, "mid_in": {}, "probe_seg": None}
-        call = state.current
-        group, sigma = call["group"], call["sigma"]
-        state.blocks_total += 1
-        if pos < state.mid_lo:                                    # front blocks: always run, probe at the last one
-            if call["probe_seg"] != seg:
-                call["probe_seg"], call["probe_base"] = seg, args["img"].clone()
-            out = extra["original_block"](args)
-            state.blocks_run += 1
-            if pos == state.mid_lo - 1:
-                _decide(state, call, group, sigma, out["img"] - call["probe_base"])
-        elif pos < state.mid_hi:                                  # middle blocks
-            first = pos == state.mid_lo or layout[pos - 1][2] != seg
-            last = pos == state.mid_hi - 1 or layout[pos + 1][2] != seg
-            if first:
-                call["mid_in"][seg] = _streams(args, clone=True)
-            if call["compute"]:
-                out = extra["original_block"](args)
-                state.blocks_run += 1
-                if last:
-                    for k, v in _streams(out).items():
-                        start = call["mid_in"][seg].get(k)
-                        value = None if (v is None or start is None) else (v - start)
-                        site = state.site(group, f"{seg}:{k}")
-                        if k == "img" and pos == state.mid_hi - 1:     # the residual entering the back blocks
-                            state.record_magnitude(site, sigma, value, channel_dim=-1)
-                        site.push(sigma, value)
-                    state.note_memory()
-            else:
-                if not last:
-                    out = _streams(args)
-                else:
-                    out = {}
-                    for k, start in call["mid_in"][seg].items():
-                        site = group.sites.get(f"{seg}:{k}")
-                        pred = site.predict(sigma) if site is not None and site.values[-1] is not None else None
-                        out[k] = None if pred is None or start is None else start + pred.to(start)
-                        if k == "img" and pos == state.mid_hi - 1:
-                            group.forecast_points += site.points_used
-        else:                                                     # back blocks: always run
-            out = extra["original_block"](args)
-            state.blocks_run += 1
-        if pos == state.n - 1:
-            state.current = None
-        return out
-    return patch
+        if not run.enter(pos, args, lambda: _sigma_of(to, "Block Cache"), to.get("uuids", [])):
+            return run.skipped(pos, args)
+        return run.leave(pos, extra["original_block"](args))
+    patch.__qualname__ = f"block_cache_patch_{patch_name}"
+    return torch._dynamo.disable(patch, recursive=False)
 
 
-def _decide(state, call, group, sigma, probe):
-    site = state.site(group, "probe")
-    middle_ready = all(len(f) for name, f in group.sites.items() if name != "probe") and len(group.sites) > 1
-    compute = True
-    if state.planned is not None:
-        compute = call["step"] in state.planned or not middle_ready
-    elif len(site) and middle_ready and state.policy.may_cache(call["step"], sigma, group.consecutive):
-        pred = site.predict(sigma)
-        change = qc.relative_l1(probe, pred) if pred.shape == probe.shape else float("inf")
-        group.last_change = change
-        compute = not state.policy.skip(change)
-    call["compute"] = compute
-    if compute:
-        site.push(sigma, probe.detach())
-        group.consecutive = 0
-        group.computed += 1
-    else:
-        group.consecutive += 1
+# Realistic sizes for the memory estimate: an image model at 1024x1024, a video model at 81 frames of 832x480.
+REALISTIC_IMAGE = (1024, 1024, 1)
+REALISTIC_VIDEO = (832, 480, 81)
+# (spatial, temporal) downscale of the VAE by latent format (0.33 carries it on the format; 0.3.75 does not)
+VAE_SCALE = {"Wan22": (16, 4), "Wan21": (8, 4), "HunyuanVideo": (8, 4), "HunyuanVideo15": (16, 4), "LTXV": (32, 8)}
 
 
-def _parse_mask(node, text):
-    out = set()
-    for part in (text or "").replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.add(int(part))
-        except ValueError:
-            raise QuickstepInputError(node, f"compute_steps entry {part!r} is not an integer step index")
-    return frozenset(out)
+def realistic_latent(latent_format, video):
+    """(label, latent frames, latent height, latent width, channels) of the realistic size for a model."""
+    spatial, temporal = VAE_SCALE.get(type(latent_format).__name__, (8, 1))
+    spatial = getattr(latent_format, "spacial_downscale_ratio", spatial)
+    width, height, frames = REALISTIC_VIDEO if video else REALISTIC_IMAGE
+    label = f"{frames} frames {width}x{height}" if video else f"{width}x{height}"
+    return label, (frames - 1) // temporal + 1, height // spatial, width // spatial, latent_format.latent_channels
+
+
+def _width(unet_config):
+    """The hidden width of a DiT from its host config (the keys the host's detection and our tiny configs use)."""
+    for key in ("hidden_size", "dim"):
+        if key in unet_config:
+            return int(unet_config[key])
+    if "num_attention_heads" in unet_config:
+        return int(unet_config["num_attention_heads"]) * int(unet_config.get("attention_head_dim", 64))
+    return 64 * int(unet_config["depth"])               # MMDiT: 64 x depth
+
+
+def _patch(unet_config):
+    p = unet_config.get("patch_size", 1)
+    p = tuple(p) if isinstance(p, (list, tuple)) else (1, p, p)
+    return (1,) * (3 - len(p)) + p
+
+
+def extra_bytes_from_config(class_name, unet_config, latent_format, layout, config, element_size, batch=2):
+    """(bytes, size label): what a cache holds at its peak for one run of a model of host class `class_name` with
+    host config `unet_config` at the realistic size of its family (REALISTIC_IMAGE / REALISTIC_VIDEO), CFG batch
+    `batch`: the forecaster's stored steps plus the copies a call keeps while it runs."""
+    family = next((f for f in DIT_FAMILIES if class_name in f.classes), None)
+    video = family.video if family is not None else getattr(latent_format, "latent_dimensions", 2) == 3
+    label, frames, h, w, channels = realistic_latent(latent_format, video)
+    points = max(config.history, qc.FORECASTER_POINTS[config.forecaster])
+    if layout["cached"] == "output residual":
+        return qc.model_cache_bytes(channels * frames * h * w, points, batch, element_size), label
+    pt, ph, pw = _patch(unet_config)
+    img, txt = -(-frames // pt) * (h // ph) * (w // pw), family.text_tokens
+    tokens = {"img+txt": (img, txt), "img": (img,), "joined": (img + txt,)}
+    segments = layout["segments"]
+    front = segments[layout["front"] - 1]
+    middle = sorted(set(segments[layout["front"]:len(segments) - layout["back"]]))
+    return qc.block_cache_bytes(tokens[family.blocks[front][2]][0], [tokens[family.blocks[m][2]] for m in middle],
+                                _width(unet_config), points, batch, element_size), label
+
+
+def estimate_extra_bytes(model, layout, config, batch=2):
+    """extra_bytes_from_config for a loaded model: its class, host config, latent format and activation dtype
+    (at least 2 bytes: fp8 weights compute in bf16)."""
+    dtype = getattr(model.model, "manual_cast_dtype", None) or next(model.model.diffusion_model.parameters()).dtype
+    size = max(torch.finfo(dtype).bits // 8, 2) if dtype.is_floating_point else 2
+    return extra_bytes_from_config(type(model.model.diffusion_model).__name__, model.model.model_config.unet_config,
+                                   model.model.latent_format, layout, config, size, batch)
+
+
+def _memory_text(model, layout, config):
+    total, label = estimate_extra_bytes(model, layout, config)
+    where = "system RAM (offload)" if config.offload else "the model's device"
+    return f"extra memory about {total / 2 ** 20:.0f} MiB on {where} at {label}, CFG batch 2"
+
+
+def _policy_node_inputs(threshold_tooltip, calibration_tooltip):
+    """The policy / calibration / few-step / offload inputs every DiT cache node shares."""
+    return [
+        io.Combo.Input("policy", options=list(POLICIES), default="residual-probe", optional=True,
+                       tooltip=threshold_tooltip),
+        io.String.Input("calibration", default="", optional=True, tooltip=calibration_tooltip),
+        few_step_input(),
+        offload_input(),
+    ]
+
+
+CALIBRATION_TOOLTIP = ("Name of a stored calibration (Calibrate Cache node); needed by, and only used with, the "
+                       "calibrated policy. A Wan 2.2 high-noise and low-noise expert each need their own.")
 
 
 class QuickstepBlockCache(io.ComfyNode):
@@ -610,10 +634,11 @@ class QuickstepBlockCache(io.ComfyNode):
             node_id="QuickstepBlockCache",
             display_name="Block Cache (DiT)",
             category=SUBCATEGORY,
-            description="Dual-block cache for DiT models (Flux, Chroma, SD3/MMDiT): the first and last blocks always "
-                        "run; when the first blocks' residual barely changes, the middle blocks are skipped and their "
-                        "residual is reused or forecast in sigma from the last computed steps. front 1 / back 0 is "
-                        "First-Block Cache. Returns a patched copy of the model.",
+            description="Dual-block cache for DiT models with block patches (Flux, Chroma, SD3, Wan 2.1/2.2, "
+                        "Qwen-Image, HunyuanVideo, LTXV): the first and last blocks always run; when the first "
+                        "blocks' residual barely changes, the middle blocks are skipped and their residual is reused "
+                        "or forecast in sigma from the last computed steps. front 1 / back 0 is First-Block Cache. "
+                        "For a Wan 2.2 pair put one on each expert. Returns a patched copy of the model.",
             inputs=[
                 io.Model.Input("model", tooltip=f"A DiT model: {SUPPORTED_DITS}."),
                 io.Float.Input("threshold", default=0.3, min=0.0, max=2.0, step=0.01,
@@ -644,66 +669,123 @@ class QuickstepBlockCache(io.ComfyNode):
                 io.String.Input("compute_steps", default="", optional=True,
                                 tooltip="Optional static mask: comma-separated step indices that always compute "
                                         "(negative counts from the end, e.g. 0,1,-1)."),
-                io.Combo.Input("policy", options=list(POLICIES), default="residual-probe", optional=True,
-                               tooltip="residual-probe: skip while the front blocks' residual matches its forecast "
-                                       "(threshold = relative L1). calibrated: MagCache's rule on a stored "
-                                       "calibration (threshold = error budget, sum of |1 - magnitude ratio|)."),
-                io.String.Input("calibration", default="", optional=True,
-                                tooltip="Name of a stored calibration (Calibrate Cache node); needed by, and only "
-                                        "used with, the calibrated policy."),
+                *_policy_node_inputs("residual-probe: skip while the front blocks' residual matches its forecast "
+                                     "(threshold = relative L1). calibrated: MagCache's rule on a stored "
+                                     "calibration (threshold = error budget, sum of |1 - magnitude ratio|).",
+                                     CALIBRATION_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with the block cache.")])
 
     @classmethod
     def execute(cls, model, threshold, front_blocks, back_blocks, forecaster, warmup_steps, max_consecutive,
-                start_percent, end_percent, history, compute_steps="", policy="residual-probe", calibration=""):
+                start_percent, end_percent, history, compute_steps="", policy="residual-probe", calibration="",
+                few_step_limit=qc.FEW_STEP_LIMIT, offload=False):
         node = "Block Cache"
         require_choice(node, "policy", policy, POLICIES)
-        calibration = (calibration or "").strip()
-        if (policy == "calibrated") != bool(calibration):
-            raise QuickstepInputError(node, f"policy = {policy!r} with calibration = {calibration!r}: the calibrated "
-                                            "policy needs a calibration name, and a calibration is used only by the "
-                                            "calibrated policy")
-        require_finite(node, "threshold", threshold, 0.0, 2.0)
+        calibration = _policy_inputs(node, policy, calibration)
         require_finite(node, "front_blocks", front_blocks, 1, 64)
         require_finite(node, "back_blocks", back_blocks, 0, 64)
-        require_choice(node, "forecaster", forecaster, qc.FORECASTERS)
-        require_finite(node, "warmup_steps", warmup_steps, 0, 100)
-        require_finite(node, "max_consecutive", max_consecutive, 1, 100)
-        require_finite(node, "start_percent", start_percent, 0.0, 1.0)
-        require_finite(node, "end_percent", end_percent, 0.0, 1.0)
-        require_finite(node, "history", history, 1, 8)
-        if start_percent >= end_percent:
-            raise QuickstepInputError(node, f"start_percent = {start_percent} must be below end_percent = {end_percent}")
-        always = _parse_mask(node, compute_steps)
+        config = _config(node, threshold=threshold, warmup=warmup_steps, max_consecutive=max_consecutive,
+                         forecaster=forecaster, history=history, start_percent=start_percent,
+                         end_percent=end_percent, always=_parse_mask(node, compute_steps),
+                         few_step_limit=few_step_limit, offload=bool(offload))
         dm = model.model.diffusion_model
-        layout = _dit_layout(dm)
-        if layout is None:
-            raise QuickstepInputError(node, f"model family {type(dm).__name__} is not supported; supported: "
-                                            f"{SUPPORTED_DITS}. For SD1.x/SDXL UNets use DeepCache (UNet).")
-        if front_blocks + back_blocks >= len(layout):
+        blocks = _dit_layout(dm)
+        if blocks is None:
+            raise _unsupported_block_family(node, dm)
+        if front_blocks + back_blocks >= len(blocks):
             raise QuickstepInputError(node, f"front_blocks + back_blocks = {front_blocks + back_blocks} leaves no middle "
-                                            f"block to cache: this model has {len(layout)} blocks")
-        if KEY in model.model_options.get("transformer_options", {}):
-            raise QuickstepInputError(node, "the model already carries a Quickstep cache; apply only one")
-        record = curve = None
+                                            f"block to cache: this model has {len(blocks)} blocks")
+        layout = {"front_blocks": front_blocks, "back_blocks": back_blocks, "blocks": len(blocks),
+                  "front": front_blocks, "back": back_blocks, "segments": [seg for _, _, seg in blocks],
+                  "cached": "middle residual"}
         if calibration:
-            record, curve = load_calibration(node, calibration, "BlockCache", {
-                "front_blocks": front_blocks, "back_blocks": back_blocks, "blocks": len(layout)}, model)
-        out = model.clone()
-        out.model_options["transformer_options"][KEY] = BlockCacheConfig(
-            layout, front_blocks, back_blocks,
-            {"threshold": threshold, "warmup": warmup_steps, "max_consecutive": max_consecutive,
-             "start_percent": start_percent, "end_percent": end_percent}, forecaster, history, always, record, curve)
+            config = replace(config, calibration=load_calibration(node, calibration, "BlockCache",
+                                                                  structure_of(layout), model))
+        out = _attach(node, model, "BlockCache", layout, config, runs.BlockCacheRun)
+        for pos, (name, index, _) in enumerate(blocks):
+            out.set_model_patch_replace(_make_block_patch(pos, name), "dit", name, index)
+        text = (f"Block Cache F{front_blocks}B{back_blocks} of {len(blocks)} blocks "
+                f"({dit_family(dm).name}): {config.describe()}; {_memory_text(model, layout, config)}; "
+                "each run logs what it skipped")
+        return io.NodeOutput(out, ui=ui.PreviewText(text))
+
+
+# -------------------------------------------------------------------------------------------------------- Model cache
+
+def _model_cache_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: a forecast output instead of the model when the run's policy says so. Dynamo skips
+    this frame only; the diffusion model it calls compiles as usual."""
+    to = wrapper_argument(executor, args, kwargs, "transformer_options") or {}
+    run = to.get(KEY)
+    if not isinstance(run, runs.ModelCacheRun):
+        return executor(*args, **kwargs)
+    x = wrapper_argument(executor, args, kwargs, "x")
+    out = run.lookup(x, _sigma_of(to, "Model Cache"), to.get("uuids", []))
+    if out is not None:
+        return out
+    return run.store(x, executor(*args, **kwargs))
+
+
+_model_cache_wrapper = torch._dynamo.disable(_model_cache_wrapper, recursive=False)
+
+
+class QuickstepModelCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepModelCache",
+            display_name="Model Cache (any model)",
+            category=SUBCATEGORY,
+            description="Model-level forecasting cache for every model the host runs (HiDream, Lumina2 / Z-Image, "
+                        "and all the DiTs and UNets): the whole output's residual (output minus input) is stored at "
+                        "computed steps; while the input has moved little (scaled by how much the output moved per "
+                        "unit of input change between the last two computed steps), or where a calibration says so, "
+                        "the model is skipped and the residual is reused or forecast in sigma. Holds a few latents: "
+                        "far less memory than a block cache. Returns a patched copy of the model.",
+            inputs=[
+                io.Model.Input("model", tooltip="Any diffusion model."),
+                io.Float.Input("threshold", default=0.2, min=0.0, max=2.0, step=0.01,
+                               tooltip="Skip the model while its predicted output change since the last computed "
+                                       "step (relative L1) stays below this; 0 never skips. With the calibrated "
+                                       "policy: MagCache's error budget."),
+                io.Combo.Input("forecaster", options=list(qc.FORECASTERS), default="taylor1",
+                               tooltip="How the output residual is carried to a skipped step: reuse, Taylor order "
+                                       "1/2 in sigma, or Chebyshev least squares over the last computed steps."),
+                io.Int.Input("warmup_steps", default=2, min=0, max=100,
+                             tooltip="The first steps that always compute."),
+                io.Int.Input("max_consecutive", default=3, min=1, max=100,
+                             tooltip="At most this many skipped steps in a row."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching is allowed from this fraction of the denoising on."),
+                io.Float.Input("end_percent", default=0.95, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching stops at this fraction of the denoising (the last steps compute)."),
+                io.Int.Input("history", default=3, min=1, max=8,
+                             tooltip="Computed steps the forecaster keeps (memory: this many output residuals)."),
+                *_policy_node_inputs("residual-probe: EasyCache-style input-change rule (threshold = predicted "
+                                     "relative output change). calibrated: MagCache's rule on a stored calibration "
+                                     "of the output residual (threshold = error budget).", CALIBRATION_TOOLTIP),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the model-level cache.")])
+
+    @classmethod
+    def execute(cls, model, threshold, forecaster, warmup_steps, max_consecutive, start_percent, end_percent,
+                history, policy="residual-probe", calibration="", few_step_limit=qc.FEW_STEP_LIMIT, offload=False):
+        node = "Model Cache"
+        require_choice(node, "policy", policy, POLICIES)
+        calibration = _policy_inputs(node, policy, calibration)
+        config = _config(node, threshold=threshold, warmup=warmup_steps, max_consecutive=max_consecutive,
+                         forecaster=forecaster, history=history, start_percent=start_percent,
+                         end_percent=end_percent, few_step_limit=few_step_limit, offload=bool(offload))
+        layout = {"cached": "output residual"}
+        if calibration:
+            config = replace(config, calibration=load_calibration(node, calibration, "ModelCache",
+                                                                  structure_of(layout), model))
         import comfy.patcher_extension as pe
-        out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_wrapper)
-        for pos, (name, index, _) in enumerate(layout):
-            out.set_model_patch_replace(_make_block_patch(pos), "dit", name, index)
-        rule = (f"calibrated by {calibration!r}, error budget {threshold}" if calibration
-                else f"residual probe, threshold {threshold}")
-        text = (f"Block Cache F{front_blocks}B{back_blocks} of {len(layout)} blocks: {rule}, at most "
-                f"{max_consecutive} cached in a row, {forecaster} forecast from {history} stored residuals per "
-                "stream; each run logs what it skipped")
+        out = _attach(node, model, "ModelCache", layout, config, runs.ModelCacheRun)
+        out.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, _model_cache_wrapper)
+        text = (f"Model Cache on {type(model.model.diffusion_model).__name__}: {config.describe()}; "
+                f"{_memory_text(model, layout, config)}; each run logs what it skipped")
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 
@@ -714,14 +796,14 @@ def calibrate(model, positive, negative, cfg, sampler, sigmas, latent, seed, nam
     calibration `name` and return the record."""
     import comfy.sample
     import comfy.utils
-    config = model.model_options.get("transformer_options", {}).get(KEY)
-    if not isinstance(config, CacheConfig):
-        raise QuickstepInputError(node, "the model carries no Quickstep cache: connect the output of DeepCache (UNet) "
-                                        "or Block Cache (DiT) with the layout to calibrate")
+    setup = model.model_options.get("transformer_options", {}).get(KEY)
+    if not isinstance(setup, CacheSetup):
+        raise QuickstepInputError(node, "the model carries no Quickstep cache: connect the output of DeepCache (UNet), "
+                                        "Block Cache (DiT) or Model Cache (any model) with the layout to calibrate")
     if sigmas.ndim != 1 or sigmas.shape[0] < 3:
         raise QuickstepInputError(node, f"sigmas has {max(int(sigmas.shape[0]) - 1, 0)} steps; calibration needs >= 2")
     path = calibration_path(node, name)
-    measuring = config.measuring()
+    measuring = setup.measuring()
     patched = model.clone()
     patched.model_options["transformer_options"][KEY] = measuring
     samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
@@ -732,10 +814,10 @@ def calibrate(model, positive, negative, cfg, sampler, sigmas, latent, seed, nam
                                noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed,
                                callback=lambda step, x0, x, total: bar.update_absolute(step + 1, total))
     try:
-        curve = qc.MagnitudeCurve.from_measurements(float(sigmas[0]), measuring.measure)
+        curve = qc.MagnitudeCurve.from_measurements(float(sigmas[0]), measuring.measured or [])
     except ValueError as e:
         raise QuickstepInputError(node, f"the run gave no usable magnitude curve ({e})")
-    record = {"format": qc.CALIBRATION_FORMAT, "cache": config.cache, "structure": config.structure(),
+    record = {"format": qc.CALIBRATION_FORMAT, "cache": setup.cache, "structure": setup.structure(),
               "model": model_signature(model), "sampler": sampler_name(sampler), "cfg": float(cfg),
               "steps": int(sigmas.shape[0]) - 1, "sigmas": curve.sigmas, "gammas": curve.gammas}
     write_json_atomically(path, record)
@@ -755,8 +837,8 @@ class QuickstepCacheCalibration(io.ComfyNode):
                         "measures the magnitude curve of the tensor it caches (on your model, sampler, steps and "
                         "size) and stores it by name for the cache nodes' calibrated policy. Outputs the name.",
             inputs=[
-                io.Model.Input("model", tooltip="The output of DeepCache (UNet) or Block Cache (DiT) with the branch / "
-                                                "front and back blocks you will use."),
+                io.Model.Input("model", tooltip="The output of DeepCache (UNet), Block Cache (DiT) or Model Cache with "
+                                                "the branch / front and back blocks you will use."),
                 io.Conditioning.Input("positive", tooltip="Positive conditioning of the calibration run."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning of the calibration run."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1,
@@ -785,4 +867,4 @@ class QuickstepCacheCalibration(io.ComfyNode):
         return io.NodeOutput(name, ui=ui.PreviewText(text))
 
 
-NODES = [QuickstepDeepCache, QuickstepBlockCache, QuickstepCacheCalibration]
+NODES = [QuickstepDeepCache, QuickstepBlockCache, QuickstepModelCache, QuickstepCacheCalibration]

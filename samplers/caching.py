@@ -27,7 +27,7 @@ The decision depends only on the curve and the run's sigmas: the compute steps a
 import bisect
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -81,21 +81,30 @@ def forecast_weights(name, times, t):
     return [float(x) for x in w[0]]
 
 
-class Forecaster:
-    """Bounded history of (sigma, tensor) at computed steps; predict(sigma) by the named forecaster."""
+FORECASTER_POINTS = {"reuse": 1, "taylor1": 2, "taylor2": 3, "chebyshev": 3}
 
-    def __init__(self, name="reuse", history=3):
+
+class Forecaster:
+    """Bounded history of (sigma, tensor) at computed steps; predict(sigma) by the named forecaster.
+    `storage`: the device the history lives on (None: where the values come from); a prediction is made on the
+    device of the last pushed value."""
+
+    def __init__(self, name="reuse", history=3, storage=None):
         if name not in FORECASTERS:
             raise ValueError(f"forecaster {name!r} is not one of {', '.join(FORECASTERS)}")
-        need = {"reuse": 1, "taylor1": 2, "taylor2": 3, "chebyshev": 3}[name]
-        self.name, self.size = name, max(int(history), need)
+        self.name, self.size = name, max(int(history), FORECASTER_POINTS[name])
         self.times, self.values = [], []
         self.points_used = 0
+        self.storage, self.device = storage, None
 
     def push(self, sigma, value):
         if self.times and float(sigma) == self.times[-1]:
             self.times.pop()
             self.values.pop()
+        if torch.is_tensor(value):
+            self.device = value.device
+            if self.storage is not None:
+                value = value.to(self.storage)
         self.times.append(float(sigma))
         self.values.append(value)
         if len(self.times) > self.size:
@@ -111,6 +120,8 @@ class Forecaster:
         for wi, v in zip(w, self.values):
             if wi == 0.0:
                 continue
+            if self.storage is not None:
+                v = v.to(self.device)
             out = v * wi if out is None else out.add(v, alpha=wi)
         return out
 
@@ -259,18 +270,23 @@ class MagnitudeCurve:
     def ratio(self, sigma_from, sigma_to):
         return math.exp(self.log_magnitude(sigma_to) - self.log_magnitude(sigma_from))
 
+    def covers(self, sigma, tolerance=1e-4):
+        """Whether sigma lies in the calibrated range (outside it the curve is flat and says nothing)."""
+        return self.sigmas[-1] * (1 - tolerance) <= float(sigma) <= self.sigmas[0] * (1 + tolerance)
+
 
 def calibrated_full_steps(curve, sigmas, threshold, max_consecutive, warmup=0, start_sigma=math.inf,
                           end_sigma=0.0, always=frozenset()):
     """MagCache's rule over a run's schedule: the step indices that compute. After each computed step the error
     err += |1 - ratio(last computed sigma, sigma)| accumulates; a step is cached while err <= threshold, at most
-    max_consecutive in a row, past `warmup`, inside the window end_sigma < sigma <= start_sigma and not in `always`."""
+    max_consecutive in a row, past `warmup`, inside the window end_sigma < sigma <= start_sigma, inside the
+    calibrated sigma range (the curve is flat outside it and would cache everything there) and not in `always`."""
     sigmas = [float(s) for s in sigmas]
     full, last, err, run = [], None, 0.0, 0
     for i in range(max(len(sigmas) - 1, 1)):
         s = sigmas[i]
         if (last is not None and threshold > 0 and run < max_consecutive and i >= warmup and i not in always
-                and end_sigma < s <= start_sigma):
+                and end_sigma < s <= start_sigma and curve.covers(s)):
             e = err + abs(1.0 - curve.ratio(sigmas[last], s))
             if e <= threshold:
                 err, run = e, run + 1
@@ -278,6 +294,114 @@ def calibrated_full_steps(curve, sigmas, threshold, max_consecutive, warmup=0, s
         full.append(i)
         last, err, run = i, 0.0, 0
     return full
+
+
+POLICIES = ("residual-probe", "calibrated")
+FEW_STEP_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A stored magnitude curve (the MagCache calibrator) with the record it was read from: which cache and cached
+    tensor (`cache`, `structure`), model (`model`: a signature), sampler and schedule it was measured on."""
+    name: str
+    record: dict
+    curve: MagnitudeCurve
+
+    @classmethod
+    def from_record(cls, name, record):
+        if record.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"format is {record.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
+        try:
+            curve = MagnitudeCurve(record["sigmas"], record["gammas"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"no magnitude curve in it ({e!r})")
+        return cls(name, dict(record, name=name), curve)
+
+    def check(self, cache, structure, model):
+        """ValueError unless this calibration was made for this cache, cached tensor and model signature."""
+        r = self.record
+        if r.get("cache") != cache:
+            raise ValueError(f"calibration {self.name!r} was made for {r.get('cache')}, not {cache}")
+        if r.get("structure") != structure:
+            raise ValueError(f"calibration {self.name!r} was made with {r.get('structure')}, this cache uses "
+                             f"{structure}: the cached tensor differs, calibrate again")
+        diff = {k: (r.get("model", {}).get(k), v) for k, v in model.items() if r.get("model", {}).get(k) != v}
+        if diff:
+            raise ValueError(f"calibration {self.name!r} was made for another model: "
+                             + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
+
+    def check_sampler(self, sampler):
+        if sampler != self.record["sampler"]:
+            raise ValueError(f"calibration {self.name!r} was made with sampler {self.record['sampler']!r}, this run "
+                             f"uses {sampler!r}: magnitude curves differ between samplers, calibrate again with "
+                             "this sampler")
+
+    def check_range(self, sigmas):
+        """ValueError when most of the steps a cache could skip lie outside the calibrated sigma range: a
+        calibration of another schedule's range (e.g. the other expert of a Wan 2.2 pair)."""
+        inside = [s for s in sigmas if self.curve.covers(s)]
+        if len(sigmas) and 2 * len(inside) < len(sigmas):
+            c = self.curve.sigmas
+            raise ValueError(f"calibration {self.name!r} covers sigma {c[0]:.4g} to {c[-1]:.4g}, but "
+                             f"{len(sigmas) - len(inside)} of the {len(sigmas)} cacheable steps of this run "
+                             f"(sigma {max(sigmas):.4g} to {min(sigmas):.4g}) lie outside it: calibrate on this "
+                             "schedule's range (a Wan 2.2 high-noise and low-noise expert each need their own)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything that decides what a cache computes, in one object (cache-dit style): the skip policy (threshold,
+    warm-up, cap on cached steps in a row, window in denoising fraction, static compute mask, few-step back-off),
+    the forecaster (name, history) and the calibration (None: the residual-probe policy). Where its tensors live
+    (`offload`: on the storage device a run is given) too. The cache layouts (DeepCache's branch, Block Cache's
+    front/back blocks, the model-level cache) each hold one. Invalid values raise ValueError naming the field.
+
+    few_step_limit: a run of this many steps or fewer computes every step (a distilled few-step schedule has no
+    step to spare); 0 turns the back-off off. always: step indices always computed (negative from the end)."""
+    threshold: float
+    warmup: int
+    max_consecutive: int
+    forecaster: str
+    history: int
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    always: frozenset = frozenset()
+    few_step_limit: int = 0
+    calibration: Calibration = None
+    offload: bool = False
+    measure: bool = False                 # a calibration run: compute every step and record the magnitudes
+
+    LIMITS = {"threshold": (0.0, 2.0), "warmup": (0, 100), "max_consecutive": (0, 100), "history": (1, 8),
+              "start_percent": (0.0, 1.0), "end_percent": (0.0, 1.0), "few_step_limit": (0, 100)}
+
+    def __post_init__(self):
+        for name, (low, high) in self.LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} = {value!r} must be a finite number")
+            if not low <= value <= high:
+                raise ValueError(f"{name} = {value!r} is outside [{low}, {high}]")
+        if self.forecaster not in FORECASTERS:
+            raise ValueError(f"forecaster = {self.forecaster!r} is not one of {', '.join(FORECASTERS)}")
+        if self.start_percent >= self.end_percent:
+            raise ValueError(f"start_percent = {self.start_percent} must be below end_percent = {self.end_percent}")
+
+    @property
+    def policy(self):
+        return "calibrated" if self.calibration is not None else "residual-probe"
+
+    def measuring(self):
+        """This config computing every step and recording magnitudes (the Calibrate Cache node's run)."""
+        return replace(self, threshold=0.0, calibration=None, measure=True, few_step_limit=0)
+
+    def describe(self):
+        rule = (f"calibrated by {self.calibration.name!r}, error budget {self.threshold}" if self.calibration
+                else f"residual probe, threshold {self.threshold}")
+        back_off = f", off at <= {self.few_step_limit} steps" if self.few_step_limit else ""
+        where = ", history on the offload device" if self.offload else ""
+        return (f"{rule}, at most {self.max_consecutive} cached in a row{back_off}, {self.forecaster} forecast "
+                f"from {self.history} stored steps{where}")
 
 
 @dataclass
@@ -290,28 +414,49 @@ class GroupState:
     computed: int = 0
     forecast_points: int = 0
     last_change: float = 0.0
+    scratch: dict = field(default_factory=dict)     # per-group tensors a cache keeps besides its forecasters
 
 
 class RunState:
     """Per-run cache state: created when sampling starts, freed in `finally`. Groups are keyed by the conds' uuids
-    and reset when the batch layout, resolution, dtype or device change (the key includes the input shape)."""
+    and reset when the batch layout, resolution, dtype or device change (the key includes the input shape).
 
-    def __init__(self, name, sigmas, forecaster="reuse", history=3):
-        self.name = name
+    The run's plan comes from its CacheConfig and the run's sigmas: `policy` (the residual-probe SkipPolicy in
+    sigma), `planned` (calibrated: the steps that compute, fixed before sampling) and `few_step` (backed off: every
+    step computes). start_sigma / end_sigma: the config's window converted by the model's own sampling."""
+
+    def __init__(self, name, sigmas, config, start_sigma=math.inf, end_sigma=0.0, storage=None):
+        self.name, self.config = name, config
+        self.window = (start_sigma, end_sigma)
         self.sigmas = [float(s) for s in sigmas]
         self.steps = max(len(self.sigmas) - 1, 1)
-        self.forecaster, self.history = forecaster, history
+        self.forecaster, self.history = config.forecaster, config.history
+        self.storage = storage if config.offload else None
+        steps = self.steps
+        always = frozenset(i % steps for i in config.always if -steps <= i < steps)
+        self.few_step = bool(config.few_step_limit) and steps <= config.few_step_limit
+        threshold = 0.0 if self.few_step else config.threshold
+        self.policy = SkipPolicy(threshold, config.warmup, config.max_consecutive, start_sigma, end_sigma, always)
+        self.planned = None
+        if config.calibration is not None:
+            cacheable = [self.sigmas[i] for i in range(config.warmup, steps)
+                         if i not in always and end_sigma < self.sigmas[i] <= start_sigma]
+            config.calibration.check_range(cacheable)
+            self.planned = frozenset(calibrated_full_steps(config.calibration.curve, self.sigmas, threshold,
+                                                           config.max_consecutive, config.warmup, start_sigma,
+                                                           end_sigma, always))
         self.groups = {}
         self.peak_bytes = 0
         self.resets = 0
         self.current = None            # scratch of the model call in progress (calls are sequential)
-        self.measured = None           # list of (sigma, gamma) while calibrating
+        self.measured = [] if config.measure else None    # (sigma, gamma) pairs while calibrating
 
     def record_magnitude(self, site, sigma, value, channel_dim):
         """While calibrating: gamma of `value` against the site's last stored value, if sigma moved down."""
         if self.measured is None or value is None or not len(site) or float(sigma) >= site.times[-1]:
             return
-        self.measured.append((float(sigma), token_norm_ratio(value, site.values[-1], channel_dim)))
+        previous = site.values[-1].to(value.device)
+        self.measured.append((float(sigma), token_norm_ratio(value, previous, channel_dim)))
 
     def group(self, uuids, x):
         key = tuple(str(u) for u in uuids) or ("batch",)
@@ -327,19 +472,82 @@ class RunState:
     def site(self, group, name):
         f = group.sites.get(name)
         if f is None:
-            f = group.sites[name] = Forecaster(self.forecaster, self.history)
+            f = group.sites[name] = Forecaster(self.forecaster, self.history, self.storage)
         return f
 
     def step_of(self, sigma):
         return step_index(self.sigmas, sigma)
 
+    def should_compute(self, group, step, sigma, change):
+        """The policy's decision for one call whose sites are ready: planned (calibrated) or, on the residual
+        probe, `change()` (the probe's distance from its forecast) under the threshold. Counts the outcome."""
+        if self.planned is not None:
+            compute = step in self.planned
+        elif self.policy.may_cache(step, sigma, group.consecutive):
+            group.last_change = change()
+            compute = not self.policy.skip(group.last_change)
+        else:
+            compute = True
+        if compute:
+            group.consecutive = 0
+            group.computed += 1
+        else:
+            group.consecutive += 1
+        return compute
+
+    def held_bytes(self):
+        """Bytes the run's caches hold now, by device."""
+        out = {}
+        for g in self.groups.values():
+            tensors = [v for f in g.sites.values() for v in f.values] + list(g.scratch.values())
+            for v in tensors:
+                if torch.is_tensor(v):
+                    out[str(v.device)] = out.get(str(v.device), 0) + v.numel() * v.element_size()
+        return out
+
     def note_memory(self):
-        total = sum(f.nbytes() for g in self.groups.values() for f in g.sites.values())
-        self.peak_bytes = max(self.peak_bytes, total)
+        self.peak_bytes = max(self.peak_bytes, sum(self.held_bytes().values()))
+
+    def totals(self):
+        calls = sum(g.calls for g in self.groups.values())
+        computed = sum(g.computed for g in self.groups.values())
+        return calls, computed, sum(g.forecast_points for g in self.groups.values())
+
+    def summary(self, line, calls, **figures):
+        """The finished run's figures (the node's log line, the benchmark's LAST_SUMMARY entry)."""
+        return {"line": line, "calls": calls, **figures, "peak_bytes": self.peak_bytes, "steps": self.steps,
+                "few_step": self.few_step, "window": self.window}
+
+    def plan_text(self):
+        if self.few_step:
+            return f"few-step schedule ({self.steps} <= {self.config.few_step_limit} steps): cache off"
+        if self.planned is not None:
+            return f"calibrated by {self.config.calibration.name!r}, error budget {self.config.threshold}"
+        return f"residual probe, threshold {self.config.threshold}"
+
+    def memory_text(self):
+        where = f" on {self.storage}" if self.storage is not None else ""
+        return f"extra memory peak {self.peak_bytes / 2 ** 20:.2f} MiB{where}"
 
     def clear(self):
         for g in self.groups.values():
             for f in g.sites.values():
                 f.clear()
+            g.scratch.clear()
         self.groups.clear()
         self.current = None
+
+
+def block_cache_bytes(front_tokens, middle_tokens, width, points, batch, element_size):
+    """Peak bytes a Block Cache holds for one batched call: `points` stored steps of the probe (the front segment's
+    img stream, front_tokens wide) and of each middle segment's streams (middle_tokens: per segment, the token count
+    of each stream it stores), plus the copies a call keeps while it runs (the probe's base, each middle segment's
+    input). Every tensor is tokens x width per sample."""
+    tokens = front_tokens + sum(sum(streams) for streams in middle_tokens)
+    return (points + 1) * tokens * width * batch * element_size
+
+
+def model_cache_bytes(latent_numel, points, batch, element_size):
+    """Peak bytes a model-level cache holds: `points` stored output residuals and one input per batch group, each a
+    latent of latent_numel elements per sample."""
+    return (points + 1) * latent_numel * batch * element_size

@@ -140,10 +140,10 @@ def psnr(a, b):
 
 NEVER = {
     "sd15": ("QuickstepDeepCache", {"interval": 1, "schedule": "uniform", "branch": 0, "start_percent": 0.0,
-                                    "end_percent": 1.0, "forecaster": "reuse", "history": 3}),
+                                    "end_percent": 1.0, "forecaster": "reuse", "history": 3, "few_step_limit": 0}),
     "flux": ("QuickstepBlockCache", {"threshold": 0.0, "front_blocks": 1, "back_blocks": 1, "forecaster": "taylor1",
                                      "warmup_steps": 0, "max_consecutive": 3, "start_percent": 0.0,
-                                     "end_percent": 1.0, "history": 3}),
+                                     "end_percent": 1.0, "history": 3, "few_step_limit": 0}),
 }
 NEVER["mmdit"] = ("QuickstepBlockCache", {**NEVER["flux"][1], "back_blocks": 0})     # the tiny MMDiT has 2 blocks
 
@@ -222,7 +222,7 @@ def test_block_cache_interrupted_run_then_a_clean_run_equals_a_fresh_one(inproc,
     gc.collect()
     holding = [o for o in gc.get_objects() if issubclass(type(o), cache_module().qc.RunState) and o.groups]
     assert not holding, [o.name for o in holding]      # no run state still holds cached tensors
-    assert isinstance(patched.model_options["transformer_options"][cache_module().KEY], cache_module().CacheConfig)
+    assert isinstance(patched.model_options["transformer_options"][cache_module().KEY], cache_module().CacheSetup)
     again = run_latent(inproc, cache_graph(arch, cache, steps=8))
     assert torch.equal(fresh, again)
 
@@ -246,7 +246,7 @@ def test_bad_inputs_give_clear_errors(inproc):
     msg = _error(inproc, cache_graph("flux", NEVER["sd15"], steps=4))
     assert "DeepCache" in msg and "not supported" in msg and "UNetModel" in msg
     msg = _error(inproc, cache_graph("sd15", NEVER["flux"], steps=4))
-    assert "not supported" in msg and "Flux" in msg and "MMDiT" in msg
+    assert "not supported" in msg and "Flux" in msg and "MMDiT" in msg and "Model Cache" in msg
     msg = _error(inproc, cache_graph("flux", ("QuickstepBlockCache", {**NEVER["flux"][1], "front_blocks": 2,
                                                                         "back_blocks": 2}), steps=4))
     assert "front_blocks + back_blocks = 4" in msg and "4 blocks" in msg
