@@ -78,6 +78,18 @@ def smooth_time_embedding_(dm, cycles=0.5):
         layer.weight.mul_(math.sqrt(keep.numel() / int(keep.sum())))
 
 
+def _host_unet_config(arch, unet_config):
+    """The tiny config with what this host's model class requires on top: a newer host's FluxParams (0.33+) has a
+    required `txt_ids_dims`, which Flux.1 detection sets to [] and which an older host's FluxParams rejects."""
+    if arch == "flux":
+        import dataclasses
+
+        import comfy.ldm.flux.model
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            return dict(unet_config, txt_ids_dims=[])
+    return unet_config
+
+
 def build_tiny(arch="sd15", seed=0, **overrides):
     """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES); `overrides`
     replace entries of its config (e.g. depth=1 for fewer blocks)."""
@@ -90,7 +102,7 @@ def build_tiny(arch="sd15", seed=0, **overrides):
     config_class, unet_config = {"sd15": (comfy.supported_models.SD15, _SD15_UNET),
                                  "mmdit": (comfy.supported_models.SD3, _MMDIT),
                                  "flux": (comfy.supported_models.Flux, _FLUX)}[arch]
-    config = config_class(dict(unet_config, **overrides))
+    config = config_class(dict(_host_unet_config(arch, unet_config), **overrides))
     config.set_inference_dtype(torch.float32, None)
     offload_device = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=offload_device)

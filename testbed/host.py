@@ -19,7 +19,9 @@ from pathlib import Path
 import aiohttp
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-HOST_DIR = Path(os.environ.get("QS_HOST_DIR", PACK_DIR / ".host"))
+# The host version QS_COMFY_VERSION names (0.3.75 by default) has its own default place, as in install_host.sh.
+HOST_DIR = Path(os.environ.get("QS_HOST_DIR", PACK_DIR / {"0.33": ".host033"}.get(
+    os.environ.get("QS_COMFY_VERSION", "0.3.75"), ".host")))
 COMFY_DIR = Path(os.environ.get("QS_COMFYUI_DIR", HOST_DIR / "ComfyUI"))
 HOST_PYTHON = Path(os.environ.get("QS_PYTHON", HOST_DIR / "venv" / "bin" / "python"))
 TESTBED_NODES = PACK_DIR / "testbed" / "node_pack"
