@@ -8,6 +8,7 @@ pointing at an existing ComfyUI with its Python in QS_PYTHON).
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,12 @@ TESTBED_NODES = PACK_DIR / "testbed" / "node_pack"
 WORKFLOW_DIR = PACK_DIR / "workflows"
 API_WORKFLOW_DIR = WORKFLOW_DIR / "api"
 WORKFLOW_INDEX = API_WORKFLOW_DIR / "index.json"
+
+
+def host_version():
+    """The host's version as a tuple of ints (0, 3, 75), read from its comfyui_version.py without importing it."""
+    text = (COMFY_DIR / "comfyui_version.py").read_text()
+    return tuple(int(part) for part in re.search(r'__version__\s*=\s*"([0-9.]+)"', text).group(1).split("."))
 
 
 def ui_workflow_path(name):
