@@ -1,5 +1,12 @@
 # The two commands of the README (`make demo`, `make test`). Both install what they need first (scripts/install_host.sh is idempotent).
-PY := .host/venv/bin/python
+# HOST picks the ComfyUI host: 0.3.75 (default, in .host/) or 0.33 (a developer check in .host033/; its source is
+# on no package index, see scripts/install_host.sh). QS_COMFY_VERSION in the environment does the same.
+HOST ?= $(or $(QS_COMFY_VERSION),0.3.75)
+HOST_DIR_0.3.75 := .host
+HOST_DIR_0.33 := .host033
+export QS_COMFY_VERSION := $(HOST)
+export QS_HOST_DIR ?= $(abspath $(or $(HOST_DIR_$(HOST)),$(error HOST must be 0.3.75 or 0.33, got '$(HOST)')))
+PY := $(QS_HOST_DIR)/venv/bin/python
 
 .PHONY: host browser demo test bench
 host:

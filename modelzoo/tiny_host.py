@@ -2,6 +2,7 @@
 seeded random weights, plus matching conditioning. They exercise the host's real block structure, model sampling
 and patch points at test-friendly sizes. Imports comfy: use inside a running host only.
 """
+import dataclasses
 import math
 
 import torch
@@ -78,6 +79,21 @@ def smooth_time_embedding_(dm, cycles=0.5):
         layer.weight.mul_(math.sqrt(keep.numel() / int(keep.sum())))
 
 
+def unet_config(arch, **overrides):
+    """The config dict of the tiny `arch` model (one of ARCHITECTURES) for this host's model classes, `overrides`
+    replacing entries. A newer host's FluxParams (0.33+) has a required `txt_ids_dims`, which Flux.1 detection sets
+    to [] and which an older host's FluxParams rejects: it is added where the host's dataclass has the field."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"tiny model architecture must be one of {ARCHITECTURES}, got {arch!r}")
+    config = dict({"sd15": _SD15_UNET, "mmdit": _MMDIT, "flux": _FLUX}[arch])
+    if arch == "flux":
+        import comfy.ldm.flux.model
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            config["txt_ids_dims"] = []
+    config.update(overrides)
+    return config
+
+
 def build_tiny(arch="sd15", seed=0, **overrides):
     """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES); `overrides`
     replace entries of its config (e.g. depth=1 for fewer blocks)."""
@@ -85,12 +101,9 @@ def build_tiny(arch="sd15", seed=0, **overrides):
     import comfy.model_patcher
     import comfy.supported_models
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"tiny model architecture must be one of {ARCHITECTURES}, got {arch!r}")
-    config_class, unet_config = {"sd15": (comfy.supported_models.SD15, _SD15_UNET),
-                                 "mmdit": (comfy.supported_models.SD3, _MMDIT),
-                                 "flux": (comfy.supported_models.Flux, _FLUX)}[arch]
-    config = config_class(dict(unet_config, **overrides))
+    config = unet_config(arch, **overrides)   # checks arch
+    config = {"sd15": comfy.supported_models.SD15, "mmdit": comfy.supported_models.SD3,
+              "flux": comfy.supported_models.Flux}[arch](config)
     config.set_inference_dtype(torch.float32, None)
     offload_device = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=offload_device)

@@ -8,6 +8,7 @@ pointing at an existing ComfyUI with its Python in QS_PYTHON).
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from pathlib import Path
 import aiohttp
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-HOST_DIR = Path(os.environ.get("QS_HOST_DIR", PACK_DIR / ".host"))
+# The host version QS_COMFY_VERSION names (0.3.75 by default) has its own default place, as in install_host.sh.
+HOST_DIR = Path(os.environ.get("QS_HOST_DIR", PACK_DIR / {"0.33": ".host033"}.get(
+    os.environ.get("QS_COMFY_VERSION", "0.3.75"), ".host")))
 COMFY_DIR = Path(os.environ.get("QS_COMFYUI_DIR", HOST_DIR / "ComfyUI"))
 HOST_PYTHON = Path(os.environ.get("QS_PYTHON", HOST_DIR / "venv" / "bin" / "python"))
 TESTBED_NODES = PACK_DIR / "testbed" / "node_pack"
@@ -28,6 +31,12 @@ TESTBED_NODES = PACK_DIR / "testbed" / "node_pack"
 WORKFLOW_DIR = PACK_DIR / "workflows"
 API_WORKFLOW_DIR = WORKFLOW_DIR / "api"
 WORKFLOW_INDEX = API_WORKFLOW_DIR / "index.json"
+
+
+def host_version():
+    """The host's version as a tuple of ints (0, 3, 75), read from its comfyui_version.py without importing it."""
+    text = (COMFY_DIR / "comfyui_version.py").read_text()
+    return tuple(int(part) for part in re.search(r'__version__\s*=\s*"([0-9.]+)"', text).group(1).split("."))
 
 
 def ui_workflow_path(name):
@@ -80,7 +89,9 @@ class Server:
     def address(self):
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout=120):
+    # 0.33 imports far more at start-up than 0.3.75 (about 850 node classes): on this shared 2-core machine, loaded,
+    # a 0.33 server took over 120 s to answer.
+    def start(self, timeout=300):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cmd = [str(HOST_PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--use-pytorch-cross-attention", "--base-directory", str(self.base),

@@ -6,7 +6,11 @@ import inspect
 import uuid
 from dataclasses import dataclass, field
 
-from .host import ensure_python_path, prepare_base
+from .host import ensure_python_path, host_version, prepare_base
+
+# 0.3.75's prompt validation checks a v1 combo's value against its options but lets any v3 io.Combo value through
+# to the node; 0.33.0's checks v3 ones too (the versions between were not tried).
+HOST_VALIDATES_V3_COMBOS = host_version() > (0, 3, 75)
 
 
 class EventRecorder:
@@ -125,6 +129,23 @@ class InProcessHost:
         if check and status != "success":
             raise AssertionError(f"prompt ended {status}: {result.error()}")
         return result
+
+    def refusal_message(self, prompt, node_id, input_name):
+        """The message refusing `prompt` for a bad value of `input_name` on node `node_id`: the node's own error from
+        execution; or, where the host validates v3 combo values (HOST_VALIDATES_V3_COMBOS) and refused the value
+        before the node ran, its "Value not in list" for that very input ("name: 'value' not in [options]")."""
+        try:
+            result = self.run(prompt, check=False)
+        except ValidationFailed as rejected:
+            if not HOST_VALIDATES_V3_COMBOS:
+                raise
+            errors = rejected.node_errors.get(node_id, {}).get("errors", [])
+            details = [e["details"] for e in errors if e["type"] == "value_not_in_list" and
+                       e.get("extra_info", {}).get("input_name") == input_name]
+            assert details, f"the host refused the prompt, but not for {node_id}.{input_name}: {rejected}"
+            return details[0]
+        assert result.status == "error", f"prompt ended {result.status}; expected a refusal of {input_name}"
+        return result.error()["exception_message"]
 
     def output(self, result, node_id, index=0):
         """The `index`-th output value of a node in a finished run (first batch entry)."""

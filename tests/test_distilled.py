@@ -130,7 +130,7 @@ def test_family_presets_run_from_a_graph(inproc, family, oracle_family, steps):
     samples = inproc.output(result, "out")["samples"]
     assert torch.isfinite(samples).all() and samples.abs().max() > 0
     steps_seen = [value for node, value, _ in result.progress() if node == "out"]
-    assert len(steps_seen) >= steps
+    assert steps_seen[-1] == steps   # the last step is always reported (0.33 throttles the ones between)
 
 
 def test_family_models_get_their_patch_and_the_input_model_is_untouched(inproc):

@@ -375,7 +375,11 @@ def test_gradient_methods_in_the_host(inproc, digits, method, kind, eta):
     print(f"{method} {kind} (PSNR dB, consistency):", scores, "pinv PSNR", psnr(pinv, clean))
     assert torch.isfinite(out).all()
     if method == "dps":
-        assert scores["out"][1] < 0.75 * scores["unguided"][1]
+        # against the same sampler with the guidance off: the same noises on every host (the stock ancestral
+        # sampler behind `unguided` draws other noise for a seed on 0.33 than on 0.3.75)
+        off, _, _ = _run(inproc, restoration_graph(name, _operator_node(kind), method, eta=eta, strength=0.0))
+        print("dps without guidance: consistency", consistency(op, off, y))
+        assert scores["out"][1] < 0.75 * consistency(op, off, y)
         return
     assert scores["out"][1] < 0.1 < scores["unguided"][1] / 5
     assert scores["out"][0] > scores["unguided"][0] + 3.0

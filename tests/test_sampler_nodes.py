@@ -42,7 +42,8 @@ def test_high_order_samplers_in_stock_ksampler_beat_euler_at_12_steps(inproc, fa
         error, result = _ksampler_error(inproc, family, sampler, 12)
         assert error < 0.7 * euler, (family, sampler, error, euler)
         steps = [v for node, v, total in result.progress() if node == "out"]
-        assert steps[-1] == 12 and len(steps) >= 12, steps
+        # one event per step on 0.3.75; 0.33 throttles them but always sends the first and the last
+        assert steps[0] == 1 and steps[-1] == 12 and steps == sorted(set(steps)), steps
 
 
 @pytest.mark.parametrize("sampler", SINGLE_CALL_SAMPLERS + ["qs_dpmpp_2s", "qs_dpm_solver_2", "qs_dpm_solver_3",
@@ -76,8 +77,9 @@ def test_unic_corrector_node_improves_dpmpp_2m_at_no_extra_call(inproc):
     graph["base"] = plain
     corrected_error, corrected_run = _advanced_error(inproc, graph)
     assert corrected_error < 0.8 * plain_error, (corrected_error, plain_error)
-    assert len([p for p in corrected_run.progress() if p[0] == "out"]) == \
-        len([p for p in plain_run.progress() if p[0] == "out"])
+    # the same steps reported (the last progress event: 0.33 throttles the ones between)
+    assert [p for p in corrected_run.progress() if p[0] == "out"][-1] == \
+        [p for p in plain_run.progress() if p[0] == "out"][-1] == ("out", 24, 24)
 
 
 def test_unic_refuses_a_sampler_it_cannot_wrap(inproc):
@@ -154,10 +156,7 @@ def test_parallel_sampling_matches_sequential_euler(inproc):
 ])
 def test_bad_sampler_options_name_node_and_value(inproc, node, inputs, problem):
     graph = {"s": {"class_type": node, "inputs": inputs}, "keep": sink("s")}
-    result = inproc.run(graph, check=False)
-    assert result.status == "error"
-    message = result.error()["exception_message"]
-    assert problem in message
+    assert problem in inproc.refusal_message(graph, "s", problem)
 
 
 def test_bad_sigmas_into_a_quickstep_sampler_give_a_clear_error(inproc):
