@@ -8,8 +8,8 @@ all settings are argparse defaults and are written into the file's metadata.
 
   eps:  x = x0 + sigma * noise with sigma from the model's discrete schedule (t uniform over the 1000 steps);
         loss on the predicted noise, min-SNR-5 weighted (min(SNR, 5) / SNR, SNR = 1 / sigma^2).
-  flow: x = (1 - sigma) * x0 + sigma * noise with sigma logit-normal (SD3's choice); loss on the velocity
-        noise - x0.
+  flow: x = (1 - sigma) * x0 + sigma * noise with sigma logit-normal (SD3's choice), a --uniform-sigma fraction
+        of rows uniform in (0, 1); loss on the velocity noise - x0.
 x0 is the family's latent of a training digit (Wan: a clip of the digit drifting a few pixels per frame) after the
 family's process_latent_in. The digit table is learned by the SD1.5 eps model only; every other model reads it
 frozen, so one Digit Conditioning serves them all. The digit label is dropped (the null row) with probability
@@ -39,7 +39,7 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 # The arguments that determine the trained weights, recorded in the file's metadata.
 TRAINING_SETTINGS = ("architecture", "prediction", "init", "steps", "batch", "lr", "warmup", "ema", "label_dropout",
-                     "seed", "threads")
+                     "uniform_sigma", "seed", "threads")
 EVALUATION_SETTINGS = ("sampler", "scheduler", "sample_steps", "cfg", "eval_samples", "seed")
 GUIDANCE_RANGE = (1.0, 5.0)
 # Layers started at zero so every residual branch starts as the identity: the UNet's last conv of each ResBlock,
@@ -135,14 +135,20 @@ def optimizer_step(optimizer, loss, trained, ema, step, settings):
     return loss
 
 
-def noise_and_sigma(model, x0, prediction, generator):
+def noise_and_sigma(model, x0, prediction, generator, uniform_fraction=0.0):
     """The random draws of one training batch: the noise, and sigma per row (eps: uniform over the discrete
-    schedule's steps; flow: logit-normal)."""
+    schedule's steps; flow: logit-normal, or for a `uniform_fraction` of the rows uniform in (0, 1). Logit-normal
+    puts 1.4% of the rows below sigma 0.1, where a sampler's last steps (and a DiT's fine detail) live; the
+    convolutional UNets need no more there, the small DiTs do)."""
     noise = torch.randn(x0.shape, generator=generator)
     if prediction == "eps":
         sigmas = model.model_sampling.sigmas
         return noise, sigmas[torch.randint(0, len(sigmas), (len(x0),), generator=generator)]
-    return noise, torch.sigmoid(torch.randn(len(x0), generator=generator))
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=generator))
+    if uniform_fraction > 0:
+        uniform = torch.rand(len(x0), generator=generator)
+        sigma = torch.where(torch.rand(len(x0), generator=generator) < uniform_fraction, uniform, sigma)
+    return noise, sigma
 
 
 def diffusion_loss(model, x0, conditioning, prediction, noise, sigma):
@@ -256,7 +262,7 @@ def train(settings):
         context = table[digits]
         conditioning = [[context, {"pooled_output": context.mean(dim=1),
                                    "guidance": guidance.uniform(*GUIDANCE_RANGE)}]]
-        noise, sigma = noise_and_sigma(model, x0, settings.prediction, generator)
+        noise, sigma = noise_and_sigma(model, x0, settings.prediction, generator, settings.uniform_sigma)
         loss = optimizer_step(optimizer, lambda: forward.loss_and_backward(
             lambda: diffusion_loss(model, x0, conditioning, settings.prediction, noise, sigma)),
             trained, ema, step, settings)
@@ -395,6 +401,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the weights that get saved")
+    parser.add_argument("--uniform-sigma", type=float, default=0.0,
+                        help="flow: fraction of rows with sigma uniform in (0, 1) instead of logit-normal")
     parser.add_argument("--label-dropout", type=float, default=0.12, help="probability of training on the null digit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
