@@ -39,7 +39,7 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 # The arguments that determine the trained weights, recorded in the file's metadata.
 TRAINING_SETTINGS = ("architecture", "prediction", "init", "steps", "batch", "lr", "warmup", "ema", "label_dropout",
-                     "uniform_sigma", "seed", "threads")
+                     "uniform_sigma", "offset_noise", "seed", "threads")
 EVALUATION_SETTINGS = ("sampler", "scheduler", "sample_steps", "cfg", "eval_samples", "seed")
 GUIDANCE_RANGE = (1.0, 5.0)
 # Layers started at zero so every residual branch starts as the identity: the UNet's last conv of each ResBlock,
@@ -135,12 +135,17 @@ def optimizer_step(optimizer, loss, trained, ema, step, settings):
     return loss
 
 
-def noise_and_sigma(model, x0, prediction, generator, uniform_fraction=0.0):
+def noise_and_sigma(model, x0, prediction, generator, uniform_fraction=0.0, offset_noise=0.0):
     """The random draws of one training batch: the noise, and sigma per row (eps: uniform over the discrete
     schedule's steps; flow: logit-normal, or for a `uniform_fraction` of the rows uniform in (0, 1). Logit-normal
     puts 1.4% of the rows below sigma 0.1, where a sampler's last steps (and a DiT's fine detail) live; the
-    convolutional UNets need no more there, the small DiTs do)."""
+    convolutional UNets need no more there, the small DiTs do). `offset_noise` adds a per-row, per-channel constant
+    of that standard deviation to the noise ("offset noise"), so the model learns to correct a latent's per-channel
+    mean, which an eps model must do from the top of its schedule (left wrong, each channel of a pixel-unshuffle
+    latent keeps its own background: a grid pattern)."""
     noise = torch.randn(x0.shape, generator=generator)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn(x0.shape[:2] + (1,) * (x0.ndim - 2), generator=generator)
     if prediction == "eps":
         sigmas = model.model_sampling.sigmas
         return noise, sigmas[torch.randint(0, len(sigmas), (len(x0),), generator=generator)]
@@ -262,7 +267,8 @@ def train(settings):
         context = table[digits]
         conditioning = [[context, {"pooled_output": context.mean(dim=1),
                                    "guidance": guidance.uniform(*GUIDANCE_RANGE)}]]
-        noise, sigma = noise_and_sigma(model, x0, settings.prediction, generator, settings.uniform_sigma)
+        noise, sigma = noise_and_sigma(model, x0, settings.prediction, generator, settings.uniform_sigma,
+                                       settings.offset_noise)
         loss = optimizer_step(optimizer, lambda: forward.loss_and_backward(
             lambda: diffusion_loss(model, x0, conditioning, settings.prediction, noise, sigma)),
             trained, ema, step, settings)
@@ -403,6 +409,8 @@ def main(argv=None):
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the weights that get saved")
     parser.add_argument("--uniform-sigma", type=float, default=0.0,
                         help="flow: fraction of rows with sigma uniform in (0, 1) instead of logit-normal")
+    parser.add_argument("--offset-noise", type=float, default=0.0,
+                        help="std of a per-channel constant added to the training noise (offset noise)")
     parser.add_argument("--label-dropout", type=float, default=0.12, help="probability of training on the null digit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
