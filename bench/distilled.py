@@ -69,7 +69,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(PACK_DIR / "scripts"))
-    from train_mnist_unet import import_host
+    from train_digit_model import import_host
     import_host()
     from modelzoo import mnist_unet, students
     torch.set_num_threads(args.threads)

@@ -98,48 +98,56 @@ def build_base_model(prediction="eps", device=None, dtype=torch.float32, manual_
     return config.get_model({}, device=device)
 
 
-def read_weights(path):
-    """(unet state dict, digit embedding table, metadata dict) from a weights file, read with safetensors only."""
+def read_weights(path, prefix=UNET_PREFIX):
+    """(network state dict, digit embedding table or None, metadata dict) from a weights file, read with safetensors
+    only; the network's keys are those under `prefix`."""
     import safetensors.torch
     from safetensors import safe_open
 
     tensors = safetensors.torch.load_file(str(path), device="cpu")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    embedding = tensors.pop(EMBEDDING_KEY)
-    unet = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    embedding = tensors.pop(EMBEDDING_KEY, None)
+    unet = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return unet, embedding, metadata
 
 
-def write_weights(path, unet_state_dict, embedding, metadata):
-    """Save the UNet weights and the digit table in one safetensors file; metadata values are JSON-encoded."""
+def write_weights(path, unet_state_dict, embedding, metadata, prefix=UNET_PREFIX):
+    """Save the network weights under `prefix` (and the digit table, unless None) in one safetensors file; metadata
+    values are JSON-encoded."""
     import safetensors.torch
 
-    tensors = {UNET_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in unet_state_dict.items()}
-    tensors[EMBEDDING_KEY] = embedding.detach().float().contiguous().cpu()
+    tensors = {prefix + k: v.detach().float().contiguous().cpu() for k, v in unet_state_dict.items()}
+    if embedding is not None:
+        tensors[EMBEDDING_KEY] = embedding.detach().float().contiguous().cpu()
     safetensors.torch.save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def load_mnist_model(path=None, prediction="eps", build=build_base_model):
     """A host ModelPatcher around the trained UNet of the `prediction` variant (weights from `path` if given).
     `build(prediction, device, dtype, manual_cast_dtype)` makes the BaseModel whose network the weights fill."""
-    import comfy.model_management
-    import comfy.model_patcher
-
     path = Path(path) if path is not None else weights_path(prediction)
     unet, _, metadata = read_weights(path)
     stored = json.loads(metadata.get("prediction", json.dumps(prediction)))
     if stored != prediction:
         raise ValueError(f"{path} holds the {stored!r} variant, asked for {prediction!r}")
+    return patcher_for(unet, model_config(prediction).supported_inference_dtypes,
+                       lambda **kwargs: build(prediction, **kwargs))
+
+
+def patcher_for(unet, supported_dtypes, build):
+    """A host ModelPatcher around `build(device, dtype, manual_cast_dtype)`'s BaseModel filled with the network
+    state dict `unet`, its weight and compute dtypes picked the way the host's own diffusion-model loader does."""
+    import comfy.model_management
+    import comfy.model_patcher
+
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    # Pick the weight and compute dtypes the way the host's own diffusion-model loader does.
-    supported = model_config(prediction).supported_inference_dtypes
     parameters = sum(v.numel() for v in unet.values())
-    dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=supported,
+    dtype = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=supported_dtypes,
                                               weight_dtype=torch.float32)
-    manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
-    model = build(prediction, device=offload_device, dtype=dtype, manual_cast_dtype=manual_cast_dtype)
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported_dtypes)
+    model = build(device=offload_device, dtype=dtype, manual_cast_dtype=manual_cast_dtype)
     model.diffusion_model.load_state_dict(unet, strict=True)
     # Inference only: no autograd graphs when samplers are driven outside the host's inference mode.
     model.diffusion_model.requires_grad_(False)
@@ -164,13 +172,16 @@ def digit_context(digits, strength=1.0, weights=None):
 
 
 def digit_conditioning(digits, strength=1.0, weights=None):
-    """ComfyUI CONDITIONING [[context (B, T, C), {}]] drawing the given digit(s), one batch row per digit."""
-    return [[digit_context(digits, strength, weights), {}]]
+    """ComfyUI CONDITIONING [[context (B, T, C), {"pooled_output": (B, C)}]] drawing the given digit(s), one batch
+    row per digit. The pooled vector (the tokens' mean) is what the digit models of families with a pooled input
+    read (modelzoo/digit_models.py); the SD1.5 UNet ignores it."""
+    context = digit_context(digits, strength, weights)
+    return [[context, {"pooled_output": context.mean(dim=1)}]]
 
 
 def unconditional_conditioning(batch=1, weights=None):
     """ComfyUI CONDITIONING of the null digit (the CFG negative), `batch` rows."""
-    return [[digit_context([NULL_DIGIT] * batch, weights=weights), {}]]
+    return digit_conditioning([NULL_DIGIT] * batch, weights=weights)
 
 
 def empty_latent(batch=1, device=None):
@@ -191,11 +202,6 @@ def latent_to_digits(latent):
     """Pixel latent [B, 1, 32, 32] in [-1, 1] -> [B, 28, 28] in [0, 1]: the padding cropped off, values clamped."""
     crop = latent[:, 0, PAD:PAD + DIGIT_SIZE, PAD:PAD + DIGIT_SIZE].float()
     return ((crop + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def latent_to_image(latent):
-    """Pixel latent [B, 1, 32, 32] -> ComfyUI IMAGE [B, 28, 28, 3] in [0, 1]: the 28x28 digit, grey in RGB."""
-    return latent_to_digits(latent).unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
 
 
 def mnist_split():

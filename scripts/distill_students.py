@@ -26,7 +26,7 @@ import torch
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR / "scripts"))
-from train_mnist_unet import import_host, optimizer_step  # noqa: E402
+from train_digit_model import import_host, optimizer_step  # noqa: E402
 
 SETTINGS = ("student", "trajectories", "steps", "batch", "lr", "warmup", "ema", "one_step_fraction", "seed", "threads")
 
