@@ -4,11 +4,14 @@ For every deterministic sampler in the host's list (ComfyUI's built-ins, its SDE
 nodes, and Quickstep's qs_ entries) and every
 scheduler of the host's list, the steps are chosen so that the counted number of model calls is at most the budget;
 the sampler's error is that of its best scheduler. Models: the exact Gaussian-mixture oracle for the EPS, V and
-flow families (error against the exact ODE solution), and the trained digit models when present ("digits": EPS,
-"digits-flow": rectified flow; error against a 500-step DPM-Solver++(2M) reference from the same noise).
+flow families (error against the exact ODE solution), and the trained digit models of modelzoo/digit_models.py
+("digits": the SD1.5 eps UNet, "digits-flow": its rectified-flow twin, "digits-<architecture>": the others; error
+against a 500-step DPM-Solver++(2M) reference from the same noise). Noises from bench.protocol.TEST_SEED unless
+--seed says otherwise.
 
-usage: python -m bench.solvers [--nfe 3 4 5 6 8 10] [--samples 16] [--families eps v flow digits digits-flow]
-                              [--samplers ...]
+usage: python -m bench.solvers [--nfe 3 4 5 6 8 10] [--samples 16] [--seed N] [--reference-steps 500]
+                              [--families eps v flow digits digits-flow digits-sdxl digits-sd3 digits-flux
+                                          digits-qwen_image digits-lumina2 digits-wan21] [--samplers ...]
 Writes bench/results/solvers.json and prints a markdown table with each sampler's ratio to the best host built-in.
 Schedules optimized for the model (LD3, OSS, ...) are compared in bench.schedules.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.protocol import TEST_SEED
 from testbed.host import HOST_DIR, PACK_DIR
 
 # Built-in samplers whose result is a deterministic function of the starting noise (ODE solvers).
@@ -132,14 +136,14 @@ class Case:
         return (out - ref).pow(2).flatten(1).mean(1).sqrt().mean().item(), calls
 
 
-def oracle_case(family, samples):
+def oracle_case(family, samples, seed=TEST_SEED):
     from modelzoo.gmm import exact_ode_solution
     from modelzoo.oracle_host import ORACLE_SHAPE, build_oracle
     from modelzoo.tiny_host import tiny_conditioning
     import comfy.sample
 
     model = build_oracle(family)
-    noise = comfy.sample.prepare_noise(torch.zeros(samples, *ORACLE_SHAPE), 1234)
+    noise = comfy.sample.prepare_noise(torch.zeros(samples, *ORACLE_SHAPE), seed)
     cond = tiny_conditioning("sd15", 0)
 
     def reference(case, sigmas):
@@ -150,16 +154,23 @@ def oracle_case(family, samples):
     return Case(f"oracle-{family}", model, cond, cond, 1.0, noise, reference)
 
 
-def digits_case(samples, prediction="eps", reference_steps=500):
-    from modelzoo import mnist_unet
+def digits_case(samples, family="digits", reference_steps=500, seed=TEST_SEED):
+    """A trained digit model of the zoo (modelzoo/digit_models.py) as a benchmark case: "digits" / "digits-flow" are
+    the SD1.5 eps / flow UNets, "digits-<architecture>" the others. Digits 0-9 in turn, CFG 2 against the empty
+    digit, from the family's blank latent; the reference is DPM-Solver++(2M) with `reference_steps` log-spaced steps
+    down to the model's own sigma_min. None when the weights are absent."""
+    from modelzoo import digit_models
     import comfy.sample
-    path = mnist_unet.weights_path(prediction)
-    if not path.exists():
+    name, prediction = {"digits": ("sd15", "eps"), "digits-flow": ("sd15", "flow")}.get(
+        family, (family[len("digits-"):], None))
+    if not digit_models.weights_path(name, prediction).exists():
         return None
-    model = mnist_unet.load_mnist_model(prediction=prediction)
+    model = digit_models.load_digit_model(name, prediction)
     digits = [i % 10 for i in range(samples)]
-    noise = comfy.sample.prepare_noise(torch.zeros(samples, 1, 32, 32), 1234)
-    positive, negative = mnist_unet.digit_conditioning(digits), mnist_unet.unconditional_conditioning(samples)
+    latent = digit_models.empty_latent(name, 1)
+    noise = comfy.sample.prepare_noise(torch.zeros(samples, *latent.shape[1:]), seed)
+    positive = digit_models.digit_conditioning(digits)
+    negative = digit_models.unconditional_conditioning(samples)
 
     def reference(case, sigmas):
         # Down to the model's own sigma_min whatever the evaluated schedule's last sigma: the reference is cached per
@@ -170,8 +181,7 @@ def digits_case(samples, prediction="eps", reference_steps=500):
         out, _ = run_sampler(model, "dpmpp_2m", ref_sigmas, case.noise, case.positive, case.negative, case.cfg,
                              case.latent)
         return out
-    return Case(f"digits-{prediction}", model, positive, negative, 2.0, noise, reference,
-                latent=mnist_unet.empty_latent(1))
+    return Case(family, model, positive, negative, 2.0, noise, reference, latent=latent)
 
 
 def start_host():
@@ -184,12 +194,13 @@ def start_host():
     return base
 
 
-def family_case(family, samples, reference_steps=500):
-    """The benchmark case of a --families entry: the oracle's "eps" / "v" / "flow", or "digits" / "digits-flow"
-    (None when the trained weights are absent); `reference_steps`: the digit models' DPM-Solver++(2M) reference."""
+def family_case(family, samples, reference_steps=500, seed=TEST_SEED):
+    """The benchmark case of a --families entry: the oracle's "eps" / "v" / "flow", or a trained digit model
+    ("digits", "digits-flow", "digits-<architecture>"; None when its weights are absent); `reference_steps`: the
+    digit models' DPM-Solver++(2M) reference; `seed`: the noises (bench.protocol)."""
     if family.startswith("digits"):
-        return digits_case(samples, "flow" if family == "digits-flow" else "eps", reference_steps)
-    return oracle_case(family, samples)
+        return digits_case(samples, family, reference_steps, seed)
+    return oracle_case(family, samples, seed)
 
 
 def benchmark(case, samplers, schedulers, budgets, log):
@@ -243,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--families", nargs="+", default=["eps", "v", "flow", "digits", "digits-flow"])
     parser.add_argument("--samplers", nargs="+", default=None, help="default: host ODE samplers + every qs_ sampler")
     parser.add_argument("--schedulers", nargs="+", default=None, help="default: the host's scheduler list")
+    parser.add_argument("--seed", type=int, default=TEST_SEED, help="noise seed (bench.protocol: TEST_SEED reports, "
+                        "TUNING_SEED tunes)")
+    parser.add_argument("--reference-steps", type=int, default=500)
     parser.add_argument("--out", default=str(RESULTS / "solvers.json"))
     args = parser.parse_args(argv)
 
@@ -253,14 +267,14 @@ def main(argv=None):
     schedulers = args.schedulers or list(comfy.samplers.SCHEDULER_NAMES)
     results, t0 = {}, time.time()
     for family in args.families:
-        case = family_case(family, args.samples)
+        case = family_case(family, args.samples, args.reference_steps, args.seed)
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue
         results[case.name] = benchmark(case, samplers, schedulers, args.nfe, print)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"nfe": args.nfe, "samples": args.samples, "results": results,
+        json.dump({"nfe": args.nfe, "samples": args.samples, "seed": args.seed, "results": results,
                    "wall_s": time.time() - t0}, f, indent=1)
     for name, table in results.items():
         print(markdown(name, table, args.nfe), "\n")
