@@ -9,7 +9,7 @@ The host's ways to restore, run through the host's own nodes and functions, each
 (VAEEncodeForInpaint and InpaintModelConditioning are not run: they feed inpainting models, whose extra input
 channels these digit models lack; on a model without them VAEEncodeForInpaint is noise-mask inpainting from a grey
 hole with the mask grown by 6 px.)
-Quickstep's rows: the Restoration Sampler's methods (`--ours`, default DAPS with its tuned settings and PiGDM) from
+Quickstep's rows: the Restoration Sampler's methods (`--ours`, default DAPS and DiffPIR, each at its tuned setting) from
 the model's empty latent, the operator acting on pixels (through the decoder on latent models).
 
 Protocol: every candidate setting (host and ours) runs on `--tune` tuning digits (from the training split); the best
@@ -41,9 +41,10 @@ from testbed.host import HOST_DIR, PACK_DIR
 
 RESULTS = PACK_DIR / "bench" / "results"
 SIZE = 32
-DENOISE = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)
-MASK_DENOISE = (0.7, 0.85, 1.0)
+DENOISE = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)      # euler; euler_ancestral at the upper half
+MASK_DENOISE = (0.85, 1.0)
 HOST_SAMPLERS = ("euler", "euler_ancestral")
+DAPS_PARTICLES = (1,)       # chains averaged (each gets calls / particles steps); 3 measured worse on SR x4
 TASKS = ("sr_x2", "sr_x4", "inpaint_box50", "inpaint_random50", "inpaint_strokes", "deblur_g2_noisy", "jpeg_q20")
 
 
@@ -121,14 +122,15 @@ def digits(split, count):
 
 def host_candidates(task):
     if task.startswith("inpaint"):
-        return [(kind, {"sampler": s, "denoise": d}) for kind in ("noise_mask", "diff_diff") for s in HOST_SAMPLERS
-                for d in MASK_DENOISE]
+        return [("noise_mask", {"sampler": s, "denoise": d}) for s in HOST_SAMPLERS for d in MASK_DENOISE] + \
+               [("diff_diff", {"sampler": "euler", "denoise": d}) for d in MASK_DENOISE]
     return [("img2img", {"sampler": s, "denoise": d}) for s in HOST_SAMPLERS for d in DENOISE
-            if d > 0 or s == HOST_SAMPLERS[0]]
+            if s == "euler" or d >= 0.5]
 
 
 def our_candidates(task, methods):
-    table = {"daps": [{"daps_prior_std": c, "daps_tau": t} for c in (0.5, 1.0) for t in (0.0, 0.01, 0.05)],
+    table = {"daps": [{"daps_prior_std": 1.0, "daps_tau": t, "daps_particles": k} for t in (0.01, 0.05)
+                      for k in DAPS_PARTICLES],
              "pigdm": [{"eta": 1.0}], "diffpir": [{"diffpir_zeta": 1.0}], "ddnm": [{"eta": 1.0}],
              "dps": [{"eta": 1.0}], "reddiff": [{}]}
     out = []
@@ -138,16 +140,20 @@ def our_candidates(task, methods):
         for options in table[method]:
             if task == "jpeg_q20" and method == "daps":
                 options = dict(options, daps_tau=max(options["daps_tau"], 0.01))
-            out.append((method, dict(options, method=method)))
+            particles = options.get("daps_particles", 1)
+            family = f"{method}_mean_of_{particles}" if particles > 1 else method
+            out.append((family, dict(options, method=method)))
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
 class Runner:
     def __init__(self, prior, calls):
-        import comfy.samplers
         self.prior, self.calls = prior, calls
-        self.sigmas = comfy.samplers.calculate_sigmas(prior.patcher.get_model_object("model_sampling"), "karras",
-                                                      calls).cpu()
+
+    def sigmas(self, steps):
+        import comfy.samplers
+        return comfy.samplers.calculate_sigmas(self.prior.patcher.get_model_object("model_sampling"), "karras",
+                                               steps).cpu()
 
     def host(self, kind, setting, op, y, batch):
         """A host method at one setting: (pixels, model calls)."""
@@ -182,9 +188,10 @@ class Runner:
         noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(0))
         cond = prior.conditioning(batch)
         calls = CallCounter(prior.patcher)
-        out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, self.sigmas, cond, cond, empty,
-                                         disable_pbar=True, seed=0)
-        return prior.decode(out).cpu(), calls.count
+        particles = options.get("daps_particles", 1)
+        out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, self.sigmas(self.calls // particles),
+                                         cond, cond, empty, disable_pbar=True, seed=0)
+        return prior.decode(out).cpu(), calls.count * particles     # each call evaluates every particle
 
 
 class CallCounter:
@@ -235,7 +242,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=30, help="model calls per image for every method (<= 50)")
     parser.add_argument("--tune", type=int, default=6, help="tuning digits (training split)")
     parser.add_argument("--samples", type=int, default=20, help="held-out digits")
-    parser.add_argument("--ours", nargs="+", default=["daps", "pigdm"], help="Restoration Sampler methods to run")
+    parser.add_argument("--ours", nargs="+", default=["daps", "diffpir"], help="Restoration Sampler methods to run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -243,6 +250,8 @@ def main(argv=None):
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     InProcessHost(HOST_DIR / "benchbase")
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
     torch.set_grad_enabled(False)
     prior = Prior(args.model)
     runner = Runner(prior, args.calls)
