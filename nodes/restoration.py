@@ -11,6 +11,7 @@ CCDF in a graph: Degrade Image (or Pseudo-inverse Estimate) -> its pseudo-invers
 SamplerCustom, BasicScheduler with denoise = t0 (e.g. 0.3), and the Restoration Sampler: the host forward-diffuses
 the estimate to the first sigma and the sampler runs the few remaining steps with data consistency.
 """
+import logging
 import math
 
 import torch
@@ -494,6 +495,10 @@ class QuickstepRestoreImage(io.ComfyNode):
                 if not torch.isfinite(mask).all():
                     raise QuickstepInputError(label, "mask holds NaN or inf values")
                 hole = mask.float().reshape(-1, *mask.shape[-2:]) if mask.dim() >= 2 else mask.float()
+                if not (hole >= 0.5).any():     # nothing painted (LoadImage gives 64x64 zeros without alpha)
+                    logging.warning("Restore Image: the mask marks no pixel to fill in; the image is returned as "
+                                    "it is (paint the area in the Mask Editor)")
+                    return io.NodeOutput(image)
                 if tuple(hole.shape[-2:]) != (height, width) or hole.shape[0] not in (1, batch):
                     raise QuickstepInputError(label, f"mask of size {hole.shape[-1]}x{hole.shape[-2]} (batch "
                                                      f"{hole.shape[0]}) does not fit the image {width}x{height} "

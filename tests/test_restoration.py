@@ -728,6 +728,8 @@ def test_restore_image_bad_inputs(inproc, host_base):
     image = torch.rand(1, 32, 32, 3)
     base = dict(model=digit, positive=cond, image=image, model_calls=4, noise_level=0.0, blur_sigma=2.0, cfg=1.0,
                 seed=0)
+    unchanged = QuickstepRestoreImage.execute(**dict(base, task="inpaint", mask=torch.zeros(1, 64, 64)))
+    assert unchanged.result[0] is image         # an empty mask (LoadImage without alpha): nothing to fill in
     cases = [(dict(task="inpaint", mask=torch.ones(1, 16, 16)), r"mask of size 16x16 .* does not fit the image 32x32"),
              (dict(task="inpaint"), "needs the mask input"),
              (dict(task="colorize"), "colorize.*1-channel"),
