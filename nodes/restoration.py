@@ -11,6 +11,9 @@ CCDF in a graph: Degrade Image (or Pseudo-inverse Estimate) -> its pseudo-invers
 SamplerCustom, BasicScheduler with denoise = t0 (e.g. 0.3), and the Restoration Sampler: the host forward-diffuses
 the estimate to the first sigma and the sampler runs the few remaining steps with data consistency.
 """
+import logging
+import math
+
 import torch
 
 from comfy_api.latest import io
@@ -355,5 +358,190 @@ class QuickstepRestorationSampler(io.ComfyNode):
                                                      extra_options=options))
 
 
+
+
+RESTORE_TASKS = ("super_resolution_x2", "super_resolution_x4", "inpaint", "deblur", "colorize")
+# Method and settings per task, chosen on tuning digits (bench/restoration_host.py; README "Restoration") at 30
+# model calls on a karras schedule of the model's whole range: without a VAE (the operator on the state itself)
+# DiffPIR with all-fresh noise (zeta 1) was best on x4 SR, box inpainting and noisy deblurring; through a
+# VAE's decoder only the gradient-free-in-the-model DAPS qualifies (DiffPIR's data step needs the operator on the
+# state). Measured and not taken for DAPS: ending the annealing early and returning that level's posterior mean
+# (-1.5 to -2.8 dB on x4 SR), averaging 2-5 chains within the same calls (-0.0 to -1.2 dB).
+DIFFPIR_FRESH = dict(method="diffpir", diffpir_zeta=1.0)
+DAPS_DEFAULT = dict(method="daps", daps_prior_std=1.0, daps_tau=0.01)
+RESTORE_DEFAULTS = {task: DIFFPIR_FRESH for task in RESTORE_TASKS}     # x2 SR and colorize: not measured
+
+
+def _vae_compression(vae):
+    """Pixels per latent side of the VAE (spacial_compression_decode where the host has it, else downscale_ratio)."""
+    method = getattr(vae, "spacial_compression_decode", None)
+    return int(method()) if callable(method) else int(vae.downscale_ratio)
+
+
+def _size_multiple_and_limit(model):
+    """(the latent size the diffusion model needs a multiple of, the largest latent side it takes or None), read
+    from the host network: a UNet halves the size once per level, a DiT patchifies, an MMDiT's position table is
+    finite."""
+    network = getattr(model.model, "diffusion_model", None)
+    multiple, limit = 1, None
+    if hasattr(network, "channel_mult"):
+        multiple = 2 ** (len(network.channel_mult) - 1)
+    patch = getattr(network, "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    if isinstance(patch, int) and patch > 1:
+        multiple = max(multiple, patch)
+        max_positions = getattr(network, "pos_embed_max_size", None)
+        if isinstance(max_positions, int) and max_positions > 0:
+            limit = max_positions * patch
+    return multiple, limit
+
+
+class QuickstepRestoreImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepRestoreImage", display_name="Restore Image", category=RESTORATION_CATEGORY,
+            description="Restores an IMAGE with the model as the prior, in one node: super-resolution x2 / x4, "
+                        "inpainting of a painted MASK, deblurring (Gaussian blur of a given width) and colorization. "
+                        "It builds the degradation, picks the method and settings measured best for the task "
+                        "(DiffPIR or DAPS, decoupled annealed posterior sampling; DAPS through a VAE), spends the given number of model calls and "
+                        "returns the restored IMAGE. Latent models need their VAE (the measurement is compared with "
+                        "the decoded image, the gradient goes through the decoder only); pixel-space models (the "
+                        "digit model) work without one.",
+            inputs=[io.Model.Input("model", tooltip="The diffusion model used as the prior."),
+                    io.Conditioning.Input("positive", tooltip="What the image shows (an empty prompt works)."),
+                    io.Image.Input("image", tooltip="The degraded image: the low-resolution one for "
+                                                    "super-resolution, the damaged one for inpainting, the blurred, "
+                                                    "or the grey one."),
+                    io.Combo.Input("task", options=list(RESTORE_TASKS), default="super_resolution_x4",
+                                   tooltip="super_resolution_x2 / _x4: the output is 2 / 4 times larger (the image "
+                                           "taken as its block average); inpaint: fill the mask; deblur: undo a "
+                                           "Gaussian blur of blur_sigma pixels; colorize: an RGB image whose grey "
+                                           "version is the input."),
+                    io.Int.Input("model_calls", default=30, min=2, max=200,
+                                 tooltip="Model calls per image: the cost. With cfg 1 one call per step, otherwise "
+                                         "two (so steps = model_calls / 2)."),
+                    io.Float.Input("noise_level", default=0.0, min=0.0, max=1.0, step=0.005,
+                                   tooltip="Std of the noise in the degraded image, in 0-1 pixel units (0: clean "
+                                           "measurement, fitted exactly)."),
+                    io.Float.Input("blur_sigma", default=2.0, min=0.3, max=20.0, step=0.1,
+                                   tooltip="deblur: the Gaussian blur's std in output pixels."),
+                    io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1,
+                                   tooltip="Classifier-free guidance scale; 1 uses only the positive conditioning "
+                                           "(one call per step)."),
+                    io.Int.Input("seed", default=0, min=0, max=2 ** 63 - 1, control_after_generate=True,
+                                 tooltip="Seed of the sampling noise."),
+                    io.Mask.Input("mask", optional=True,
+                                  tooltip="inpaint: 1 = fill in, 0 = keep (LoadImage's MASK, a painted mask); the "
+                                          "image's own height and width (not resized)."),
+                    io.Vae.Input("vae", optional=True,
+                                 tooltip="The model's VAE (required for latent models; leave empty for pixel-space "
+                                         "models). TAESD (VAELoader taesd / taesdxl / taef1) is faster."),
+                    io.Conditioning.Input("negative", optional=True,
+                                          tooltip="Negative conditioning for cfg > 1 (default: the positive).")],
+            outputs=[io.Image.Output(display_name="image")])
+
+    @classmethod
+    def execute(cls, model, positive, image, task, model_calls, noise_level, blur_sigma, cfg, seed, mask=None,
+                vae=None, negative=None):
+        import comfy.sample
+        import comfy.samplers
+        label = "Restore Image"
+        require_choice(label, "task", task, RESTORE_TASKS)
+        require_finite(label, "noise_level", noise_level, 0.0, 1.0)
+        require_finite(label, "blur_sigma", blur_sigma, 0.3, 20.0)
+        require_finite(label, "cfg", cfg, 1.0, 30.0)
+        if isinstance(model_calls, bool) or not isinstance(model_calls, int) or not 2 <= model_calls <= 200:
+            raise QuickstepInputError(label, f"model_calls = {model_calls!r} must be an integer in [2, 200]")
+        if not torch.is_tensor(image) or image.dim() != 4 or not torch.isfinite(image).all():
+            raise QuickstepInputError(label, "image must be a finite IMAGE [B, H, W, C]")
+        pixels = image.float().movedim(-1, 1) * 2 - 1                    # [B, C, H, W] in [-1, 1]
+        batch, height, width = pixels.shape[0], pixels.shape[2], pixels.shape[3]
+        factor = {"super_resolution_x2": 2, "super_resolution_x4": 4}.get(task, 1)
+        out_h, out_w = height * factor, width * factor
+        latent_format = model.get_model_object("latent_format")
+        if vae is None:
+            channels = latent_format.latent_channels
+            if channels not in (1, 3):
+                raise QuickstepInputError(label, f"this model samples {channels}-channel latents: connect its VAE "
+                                                 "(vae); only pixel-space models (1 or 3 channels) work without one")
+            compression, image_channels = 1, channels
+        else:
+            compression, image_channels = _vae_compression(vae), 3
+        if task == "colorize" and image_channels != 3:
+            raise QuickstepInputError(label, "task = 'colorize' needs a model of RGB images; this one makes "
+                                             f"{image_channels}-channel images")
+        multiple, limit = _size_multiple_and_limit(model)
+        if out_h % (compression * multiple) or out_w % (compression * multiple):
+            raise QuickstepInputError(label, f"the output {out_w}x{out_h} (image {width}x{height}, task {task}) "
+                                             f"must be a multiple of {compression * multiple} pixels for this model "
+                                             f"(VAE x{compression}, network x{multiple})")
+        latent_h, latent_w = out_h // compression, out_w // compression
+        if limit is not None and max(latent_h, latent_w) > limit:
+            raise QuickstepInputError(label, f"the output {out_w}x{out_h} (image {width}x{height}, task {task}) "
+                                             f"needs a {latent_w}x{latent_h} latent; this model takes at most "
+                                             f"{limit}x{limit} (its position table)")
+        grey = pixels.mean(dim=1, keepdim=True)
+        measured = pixels if pixels.shape[1] == image_channels else \
+            grey.expand(-1, image_channels, -1, -1).contiguous()
+        sigma_y = 2.0 * float(noise_level)          # [0, 1] pixel units -> the operators' [-1, 1] units
+        keep = None
+        try:
+            if factor > 1:
+                op = operators.Downsample(factor, sigma_y)
+            elif task == "inpaint":
+                if mask is None:
+                    raise QuickstepInputError(label, "task = 'inpaint' needs the mask input connected")
+                if not torch.isfinite(mask).all():
+                    raise QuickstepInputError(label, "mask holds NaN or inf values")
+                hole = mask.float().reshape(-1, *mask.shape[-2:]) if mask.dim() >= 2 else mask.float()
+                if not (hole >= 0.5).any():     # nothing painted (LoadImage gives 64x64 zeros without alpha)
+                    logging.warning("Restore Image: the mask marks no pixel to fill in; the image is returned as "
+                                    "it is (paint the area in the Mask Editor)")
+                    return io.NodeOutput(image)
+                if tuple(hole.shape[-2:]) != (height, width) or hole.shape[0] not in (1, batch):
+                    raise QuickstepInputError(label, f"mask of size {hole.shape[-1]}x{hole.shape[-2]} (batch "
+                                                     f"{hole.shape[0]}) does not fit the image {width}x{height} "
+                                                     f"(batch {batch}); masks are not resized")
+                keep = (hole < 0.5).float()[:, None]
+                op = operators.Inpaint(keep, sigma_y)
+            elif task == "deblur":
+                op = operators.GaussianBlur(2 * math.ceil(3 * blur_sigma) + 1, float(blur_sigma), sigma_y)
+            else:
+                op = operators.Grayscale(3, sigma_y)
+            y = op.forward(measured) if task == "colorize" else measured
+            if task != "colorize":
+                op.check_measurement(tuple(y.shape), (batch, image_channels, out_h, out_w))
+        except operators.OperatorError as error:
+            raise QuickstepInputError(label, str(error)) from None
+        steps = model_calls if cfg == 1.0 else max(1, model_calls // 2)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps).cpu()
+        options = dict(RESTORE_DEFAULTS[task] if vae is None else DAPS_DEFAULT, operator=op, measurement=y)
+        try:
+            guidance.validate(**options)
+        except ValueError as error:
+            raise QuickstepInputError(label, str(error)) from None
+        sampler = comfy.samplers.KSAMPLER(_guarded(label, guidance.sample_restoration, vae), extra_options=options)
+        latent = torch.zeros(batch, latent_format.latent_channels, latent_h, latent_w)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        try:
+            samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive,
+                                                 positive if negative is None else negative, latent, seed=seed)
+        except RuntimeError as error:
+            if "size" not in str(error) and "shape" not in str(error):
+                raise
+            raise QuickstepInputError(label, f"the model could not take a {latent_w}x{latent_h} latent (output "
+                                             f"{out_w}x{out_h}): {str(error)[:300]}") from None
+        restored = vae.decode(samples).movedim(-1, 1).float() * 2 - 1 if vae is not None else samples.float()
+        restored = restored[:, :3]
+        if keep is not None:            # the known pixels are the user's own, exactly
+            restored = keep * measured + (1 - keep) * restored
+        out = ((restored + 1) / 2).clamp(0, 1)
+        if out.shape[1] == 1:
+            out = out.expand(-1, 3, -1, -1)
+        return io.NodeOutput(out.movedim(1, -1).contiguous())
+
+
 NODES = [QuickstepDegradationOperator, QuickstepDegrade, QuickstepDegradePixels, QuickstepPseudoInverse,
-         QuickstepRestorationSampler]
+         QuickstepRestorationSampler, QuickstepRestoreImage]

@@ -37,6 +37,21 @@ Methods and what one step costs:
   dps      DPS: an ancestral (eta) step from x0, then x' -= zeta_VE grad_x ||y - A(x0(x))|| (unsquared norm per
            image), zeta_VE = zeta sqrt((1 + s^2)(1 + s'^2)) (the VP-paper step converted to the VE frame).  Works
            with nonlinear A (JPEG).  One model call + one backward pass.
+  daps     DAPS (Zhang et al. 2024, "Improving diffusion inverse problem solving with decoupled noise annealing"):
+           each step decouples the state from the last one.  x0_hat = D(x, s) (one model call: the one-step
+           ODE solve); then a sample x0_y of p(x0 | x0_hat, y) ~ N(x0; x0_hat, r^2 I) N(y; A x0, tau^2 I); then
+           x' = x0_y + s' z (fresh noise: x' does not remember x).  r^2 = s^2 / (1 + s^2 / c^2), c = DAPS_PRIOR_STD
+           (the paper's r = s, bounded by the data's scale c so that a flow start at s = inf stays finite);
+           tau = max(sigma_y, DAPS_TAU).  For a linear operator without a decoder the Gaussian step is sampled
+           exactly (Matheron's rule: z = x0_hat + r e1, x0_y = z + r^2 A^T (r^2 A A^T + tau^2 I)^{-1}
+           (y + tau e2 - A z), the operator's gram_solve) instead of the paper's Langevin chain; otherwise
+           (JPEG, a decoder) `daps_langevin_steps` Langevin steps on U = ||y - A(Dec(x0))||^2 / (2 tau^2)
+           + ||x0 - x0_hat||^2 / (2 r^2), step `strength` * 0.5 min(tau^2 / ||J||^2, r^2), ||J|| the gain of
+           x0 -> A(Dec(x0)) by power iteration once per run (back-propagating through A and the decoder only).  The last step returns the posterior mean (no sampling noise: what PSNR rewards).
+           `daps_particles` = K > 1 runs K chains on the batch (the extra ones from fresh noise at the first sigma)
+           and returns the mean of their final posterior means: an estimate of E[x0 | y], the PSNR-optimal answer,
+           where one chain gives one sample; K model evaluations per image per step (the host batches them).
+           One model call per step, no autograd through the model.
   reddiff  RED-diff: Adam on an image mu (init A^+ y; y itself for JPEG; the first denoised estimate with a
            decoder) over the descending sigmas: L = 1/2 mean(||y - A(mu)||^2)
            + lambda s mean(sg(eps_hat - eps) * mu), eps_hat from x = mu + s eps.  One model call, the backward
@@ -65,19 +80,22 @@ import torch
 
 from .common import check_choice, check_float, check_int
 from .frame import frame_of
-from .operators import LinearOperator, Operator, OperatorError
+from .operators import Inpaint, LinearOperator, Operator, OperatorError
 
-METHODS = ("ddnm", "diffpir", "repaint", "pigdm", "dps", "reddiff")
+METHODS = ("ddnm", "diffpir", "repaint", "pigdm", "dps", "reddiff", "daps")
 METHOD_LABELS = {"ddnm": "DDNM+", "diffpir": "DiffPIR", "repaint": "RePaint", "pigdm": "PiGDM", "dps": "DPS",
-                 "reddiff": "RED-diff"}
+                 "reddiff": "RED-diff", "daps": "DAPS"}
 NEEDS_PINV = ("ddnm", "diffpir", "repaint", "pigdm")
-ACCEPTS_DECODER = ("pigdm", "dps", "reddiff")
+ACCEPTS_DECODER = ("pigdm", "dps", "reddiff", "daps")
 DPS_ZETA = 3.0          # tuned on the digit model at 30 ancestral steps (the paper's 0.3-1.0 is for 1000 steps)
 DIVERGED_RMS = 1e3      # a VE state whose RMS exceeds this plus 10 sigma has left any image's range: guidance blew up
 REDDIFF_LAMBDA = 0.25
 REDDIFF_LR = 0.1
 DIFFPIR_LAMBDA = 0.25   # the reference code's lambda = 1 (its sigma_y on [0, 1] images: 1/4 of this unit system's)
 DIFFPIR_ZETA = 0.3      # the reference configs use 0.1-0.25 (SR, deblur) and 1.0 (inpainting)
+DAPS_TAU = 0.01         # the reference configs' tau (likelihood std floor: y is trusted to this much)
+DAPS_PRIOR_STD = 1.0    # c in r^2 = s^2 / (1 + s^2 / c^2): the spread of p(x0 | x) at high noise, data units
+DAPS_LANGEVIN_STEPS = 20
 
 
 class GuidanceDiverged(FloatingPointError):
@@ -86,7 +104,8 @@ class GuidanceDiverged(FloatingPointError):
 
 def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
              strength=1.0, learning_rate=REDDIFF_LR, decoder=None, diffpir_lambda=DIFFPIR_LAMBDA,
-             diffpir_zeta=DIFFPIR_ZETA):
+             diffpir_zeta=DIFFPIR_ZETA, daps_tau=DAPS_TAU, daps_prior_std=DAPS_PRIOR_STD,
+             daps_langevin_steps=DAPS_LANGEVIN_STEPS, daps_particles=1):
     if not isinstance(operator, Operator):
         raise ValueError(f"option operator must be a Quickstep degradation operator, got {type(operator).__name__}")
     if not torch.is_tensor(measurement) or measurement.dim() != 4:
@@ -110,6 +129,10 @@ def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_leng
     check_float("learning_rate", learning_rate, 0.0, 10.0, low_open=True)
     check_float("diffpir_lambda", diffpir_lambda, 0.0, 1e6, low_open=True)
     check_float("diffpir_zeta", diffpir_zeta, 0.0, 1.0)
+    check_float("daps_tau", daps_tau, 0.0, 10.0)
+    check_float("daps_prior_std", daps_prior_std, 0.0, 1e3, low_open=True)
+    check_int("daps_langevin_steps", daps_langevin_steps, 1, 1000)
+    check_int("daps_particles", daps_particles, 1, 64)
 
 
 def travel_plan(n_steps, jump_length=1, resample_count=1):
@@ -242,7 +265,8 @@ def sample_restoration(model, x, sigmas, extra_args=None, callback=None, disable
 def _restore(model, x, sigmas, extra_args=None, callback=None, disable=None, operator=None,
              measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
              strength=1.0, learning_rate=REDDIFF_LR, decoder=None, diffpir_lambda=DIFFPIR_LAMBDA,
-             diffpir_zeta=DIFFPIR_ZETA):
+             diffpir_zeta=DIFFPIR_ZETA, daps_tau=DAPS_TAU, daps_prior_std=DAPS_PRIOR_STD,
+             daps_langevin_steps=DAPS_LANGEVIN_STEPS, daps_particles=1):
     extra_args = {} if extra_args is None else extra_args
     label = METHOD_LABELS.get(method, method)
     if decoder is None:
@@ -254,14 +278,28 @@ def _restore(model, x, sigmas, extra_args=None, callback=None, disable=None, ope
     seed = extra_args.get("seed", 0) if seed is None else seed
     generator = torch.Generator(device=x.device).manual_seed(int(seed) + 7919)
 
-    def noise():
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+    particles = daps_particles if method == "daps" else 1
+    if particles > 1:       # K DAPS chains side by side: the batch and the measurement grow K-fold
+        if isinstance(operator, Inpaint) and operator.mask.shape[0] == x.shape[0] > 1:
+            operator = Inpaint(operator.mask.repeat(particles, 1, 1, 1), operator.sigma_y)
+        y = y.repeat(particles, *([1] * (y.dim() - 1)))
+        fresh = torch.randn(((particles - 1) * x.shape[0], *x.shape[1:]), generator=generator, device=x.device,
+                            dtype=torch.float32).to(x.dtype)
+        x = torch.cat([x, fresh * float(sigmas[0])])     # the extra chains start from pure noise at the first sigma
+
+    def noise(shape=x.shape):
+        return torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     guide = _Guide(operator, y, decoder, label)
     s_in = x.new_ones([x.shape[0]])
     sig = [float(s) for s in sigmas]
     if method == "reddiff":
         return _red_diff(model, x, sig, extra_args, callback, guide, frame, noise, s_in, strength, learning_rate)
+    if method == "daps":
+        posterior = _DapsPosterior(guide, max(operator.sigma_y, daps_tau), daps_prior_std, daps_langevin_steps,
+                                   strength, noise)
+        out = _daps(model, x, sig, sigmas, extra_args, callback, guide, frame, noise, s_in, posterior)
+        return out.unflatten(0, (particles, -1)).mean(0)
 
     # the noise A^+ y carries: sigma_y times A^+'s largest gain (1 for masks, block averages, grayscale)
     sigma_y = operator.sigma_y * operator.pinv_noise_gain if method in ("ddnm", "repaint") else 0.0
@@ -351,6 +389,84 @@ def _red_diff(model, x, sig, extra_args, callback, guide, frame, noise, s_in, st
                 callback({"x": mu.detach().to(x.dtype), "i": i, "sigma": sig[i], "sigma_hat": sig[i],
                           "denoised": x0.to(x.dtype)})
         return mu.detach().to(x.dtype)
+
+
+class _DapsPosterior:
+    """DAPS's inner step: a draw (or, on the last step, the mean) of p(x0 | x0_hat, y) ~ N(x0; x0_hat, r^2 I)
+    N(y; A(Dec(x0)), tau^2 I)."""
+
+    def __init__(self, guide, tau, prior_std, langevin_steps, strength, noise):
+        self.guide, self.tau, self.prior_std = guide, tau, prior_std
+        self.langevin_steps, self.strength, self.noise = langevin_steps, strength, noise
+        op = guide.operator
+        self.exact = guide.decoder is None and isinstance(op, LinearOperator) and op.has_pinv
+
+    def r2(self, s):
+        return self.prior_std ** 2 if math.isinf(s) else s ** 2 / (1.0 + (s / self.prior_std) ** 2)
+
+    def __call__(self, x0_hat, s, mean_only, i, sigma):
+        r2 = self.r2(s)
+        if self.exact:      # Matheron's rule: perturb the prior mean and the measurement, then condition exactly
+            op, y = self.guide.operator, self.guide.y
+            z = x0_hat if mean_only else x0_hat + math.sqrt(r2) * self.noise()
+            y_drawn = y if mean_only or self.tau == 0 else y + self.tau * self.noise(y.shape)
+            return z + r2 * op.gram_solve(y_drawn - op.forward(z), r2, self.tau ** 2)
+        return self._langevin(x0_hat, r2, mean_only, i, sigma)
+
+    def _measure(self, x):
+        return self.guide.operator.forward(self.guide.pixels(x).float())
+
+    def _gain2(self, x0_hat):
+        """||J||^2 of x0 -> A(Dec(x0)) at x0_hat (power iteration: J v by a finite difference, J^T u by autograd),
+        measured once per run: the Langevin step must shrink with it (a VAE decoder spreads one latent value over
+        many pixels)."""
+        if getattr(self, "gain2", None) is None:
+            with _autograd():
+                x = _normal(x0_hat).detach().float()
+                v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
+                base, h, gain2 = self._measure(x).detach(), 1e-2, 1.0
+                for _ in range(3):
+                    v = v / v.norm()
+                    jv = (self._measure(x + h * v).detach() - base) / h
+                    x_in = x.clone().requires_grad_(True)
+                    (v,) = torch.autograd.grad(self._measure(x_in), x_in, grad_outputs=jv)
+                    gain2 = float(v.norm())
+            self.gain2 = max(gain2, 1e-6)
+        return self.gain2
+
+    def _langevin(self, x0_hat, r2, mean_only, i, sigma):
+        """Langevin steps on U(x0) = ||y - A(Dec(x0))||^2 / (2 tau^2) + ||x0 - x0_hat||^2 / (2 r^2), the step
+        `strength` * 0.5 min(tau^2 / ||J||^2, r^2): stable on both quadratic terms."""
+        tau2 = max(self.tau, 1e-4) ** 2
+        step = self.strength * 0.5 * min(tau2 / self._gain2(x0_hat), r2)
+        with _autograd():
+            x = x0_hat.detach().clone().float().requires_grad_(True)
+            anchor = _normal(x0_hat).float()
+            y = _normal(self.guide.y).float()
+            for _ in range(self.langevin_steps):
+                misfit = (y - self._measure(x)).pow(2).sum() / (2 * tau2)
+                (grad,) = torch.autograd.grad(misfit, x)
+                with torch.no_grad():
+                    x -= step * (grad + (x - anchor) / r2)
+                    if not mean_only:
+                        x += math.sqrt(2 * step) * self.noise().float()
+            self.guide.check("DAPS posterior sample", x.detach(), i, sigma, hint="lower the strength (the Langevin "
+                             "step) or raise daps_tau", bound=DIVERGED_RMS)
+            return x.detach().to(x0_hat.dtype)
+
+
+def _daps(model, x, sig, sigmas, extra_args, callback, guide, frame, noise, s_in, posterior):
+    """DAPS (see the module docstring): denoise, draw x0 from the measurement-conditioned Gaussian, re-noise."""
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        x0_hat = model(x, sigma * s_in, **extra_args)
+        guide.check("denoised estimate", x0_hat, i, sigma)
+        x0 = posterior(x0_hat, _ve(frame, sigma), sigma_next == 0, i, sigma)
+        n = _ve(frame, sigma_next)
+        x = frame.alpha(sigma_next) * (x0 + n * noise()) if sigma_next > 0 else x0
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+    return x
 
 
 sample_restoration.validate = validate

@@ -206,6 +206,25 @@ def random_mask(height, width, fraction=0.5, seed=0):
     return (torch.rand(height, width, generator=generator) >= fraction).float()
 
 
+def stroke_mask(height, width, strokes=3, thickness=None, seed=0):
+    """[H, W] mask (1 = known) with `strokes` seeded free-hand brush strokes unknown: each a thick polyline of four
+    random points, what a user paints over a damaged area; thickness defaults to a tenth of the smaller side."""
+    generator = torch.Generator().manual_seed(int(seed))
+    radius = (thickness or max(2, min(height, width) // 10)) / 2
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+    unknown = torch.zeros(height, width, dtype=torch.bool)
+    scale = torch.tensor([height - 1, width - 1], dtype=torch.float32)
+    for _ in range(strokes):
+        points = torch.rand(4, 2, generator=generator) * scale
+        for a, b in zip(points[:-1], points[1:]):
+            # distance of every pixel to the segment a-b
+            d = b - a
+            t = (((rows - a[0]) * d[0] + (cols - a[1]) * d[1]) / d.pow(2).sum().clamp_min(1e-6)).clamp(0, 1)
+            unknown |= (rows - a[0] - t * d[0]) ** 2 + (cols - a[1] - t * d[1]) ** 2 <= radius ** 2
+    return (~unknown).float()
+
+
 class Blur(LinearOperator):
     """Circular convolution with a normalised 2-D kernel (odd size), diagonal in the Fourier basis."""
     name = "blur"

@@ -594,3 +594,165 @@ def test_gradient_restoration_leaves_the_model_and_vae_as_they_were(inproc, host
     after_restoration = inproc.output(inproc.run(_lora_graph("qs_tiny_sd15.safetensors")), "out", 0)["samples"]
     never_restored = inproc.output(inproc.run(_lora_graph(fresh)), "out", 0)["samples"]
     assert torch.equal(after_restoration, never_restored)
+
+
+# ----- DAPS -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", [operators.Downsample(4, 0.05), operators.GaussianBlur(9, 2.0, 0.05),
+                                operators.Inpaint(operators.random_mask(16, 16, 0.5), 0.05)], ids=repr)
+def test_daps_last_step_is_the_gaussian_posterior_mean(op):
+    """One DAPS step to sigma = 0 from a denoiser that returns c gives the mean of N(x0; c, r^2) N(y; A x0, tau^2):
+    c + r^2 A^T (r^2 A A^T + tau^2)^{-1} (y - A c), r^2 = s^2 / (1 + s^2 / prior_std^2), tau = sigma_y. The Langevin
+    chain (taken with a decoder) reaches the same point."""
+    torch.manual_seed(0)
+    c = torch.randn(2, 1, 16, 16)
+    y = op.forward(torch.randn(2, 1, 16, 16))
+    s, prior_std = 2.0, 0.7
+    r2 = s ** 2 / (1 + (s / prior_std) ** 2)
+    expected = c + r2 * op.gram_solve(y - op.forward(c), r2, op.sigma_y ** 2)
+    options = dict(operator=op, measurement=y, method="daps", daps_tau=0.0, daps_prior_std=prior_std)
+    out = guidance.sample_restoration(lambda x, sig, **k: c.clone(), torch.randn(2, 1, 16, 16),
+                                      torch.tensor([s, 0.0]), **options)
+    assert torch.allclose(out, expected, atol=1e-5)
+    chain = guidance.sample_restoration(lambda x, sig, **k: c.clone(), torch.randn(2, 1, 16, 16),
+                                        torch.tensor([s, 0.0]), decoder=lambda z: z, daps_langevin_steps=1000,
+                                        **options)
+    assert (chain - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_daps_particles_average_their_chains():
+    """K chains in one batch: with a denoiser that ignores its input every chain ends on the same posterior mean, so
+    their average is it; the model sees a K-fold batch."""
+    op = operators.Inpaint(operators.random_mask(16, 16, 0.5))
+    c = torch.randn(1, 1, 16, 16)
+    y = op.forward(torch.randn(2, 1, 16, 16))
+    batches = []
+
+    def denoiser(x, sigma, **kwargs):
+        batches.append(x.shape[0])
+        return c.expand_as(x).clone()
+    options = dict(operator=op, measurement=y, method="daps", daps_tau=0.0)
+    single = guidance.sample_restoration(denoiser, torch.randn(2, 1, 16, 16), torch.tensor([3.0, 1.0, 0.0]), **options)
+    mean = guidance.sample_restoration(denoiser, torch.randn(2, 1, 16, 16), torch.tensor([3.0, 1.0, 0.0]),
+                                       daps_particles=3, **options)
+    assert batches == [2, 2, 6, 6] and mean.shape == (2, 1, 16, 16)
+    assert torch.allclose(mean, single, atol=1e-5)
+
+
+def test_daps_without_noise_fits_the_measurement_exactly():
+    op = operators.Downsample(4)
+    y = op.forward(torch.randn(3, 1, 16, 16))
+    out = guidance.sample_restoration(lambda x, s, **k: 0.5 * x, torch.randn(3, 1, 16, 16) * 10,
+                                      torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0]), operator=op, measurement=y,
+                                      method="daps", daps_tau=0.0)
+    assert torch.allclose(op.forward(out), y, atol=1e-5)
+
+
+# ----- Restore Image ----------------------------------------------------------------------------------------------------
+def _save_png(host_base, name, image01, alpha=None):
+    """A [H, W] grey image in [0, 1] as an input PNG (alpha: LoadImage's MASK is 1 - alpha)."""
+    import numpy as np
+    from PIL import Image
+    grey = (image01.clamp(0, 1) * 255).round().byte().numpy()
+    if alpha is None:
+        Image.fromarray(grey).convert("RGB").save(host_base / "input" / name)
+    else:
+        rgba = np.stack([grey] * 3 + [(alpha * 255).round().byte().numpy()], axis=-1)
+        Image.fromarray(rgba, "RGBA").save(host_base / "input" / name)
+    return name
+
+
+def restore_graph(names, task, model_calls=12, mask=False, **inputs):
+    graph = {
+        "model": {"class_type": "QuickstepDigitModel", "inputs": {"prediction": "eps"}},
+        "cond": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": ""}},
+        "out": {"class_type": "QuickstepRestoreImage",
+                "inputs": {"model": ["model", 0], "positive": ["cond", 0], "image": ["images", 0], "task": task,
+                           "model_calls": model_calls, "noise_level": 0.0, "blur_sigma": 2.0, "cfg": 1.0, "seed": 0,
+                           **inputs}},
+        "keep": sink("out"),
+    }
+    for k, name in enumerate(names):
+        graph[f"load{k}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    graph["images"] = {"class_type": "ImageBatch", "inputs": {"image1": ["load0", 0], "image2": ["load1", 0]}}
+    if mask:
+        graph["out"]["inputs"]["mask"] = ["load0", 1]
+    return graph
+
+
+def _grey(image):
+    return image[..., 0].float() * 2 - 1        # IMAGE [B, H, W, 3] -> [B, H, W] in [-1, 1]
+
+
+def test_restore_image_super_resolution_and_inpainting(inproc, host_base, digits):
+    """The one-node path on the digit model: x4 SR of 8x8 digits beats bicubic up-sampling and fits the measurement;
+    inpainting a painted mask (LoadImage's MASK from the PNG's alpha) keeps every known pixel and fills the hole
+    better than the grey hole does."""
+    _, clean = digits
+    import torch.nn.functional as F
+    pair = clean[:2]
+    small = F.avg_pool2d(pair, 4)
+    names = [_save_png(host_base, f"quickstep_restore_small{k}.png", (small[k, 0] + 1) / 2) for k in range(2)]
+    result = inproc.run(restore_graph(names, "super_resolution_x4"))
+    out = _grey(inproc.output(result, "out", 0))[:, None]
+    assert out.shape == (2, 1, 32, 32)
+    measured = _grey(inproc.output(result, "images", 0))[:, None]
+    bicubic = F.interpolate(measured, scale_factor=4, mode="bicubic").clamp(-1, 1)
+    print("Restore Image x4 SR PSNR:", psnr(out, pair), "bicubic:", psnr(bicubic, pair))
+    assert psnr(out, pair) > psnr(bicubic, pair) + 0.5
+    assert consistency(operators.Downsample(4), out, measured) < 0.03      # the output clamped to [0, 1], 8-bit
+
+    hole = 1.0 - operators.box_mask(32, 32, 0.5, "bottom")
+    damaged = (pair[:, 0] + 1) / 2 * (1 - hole) + 0.5 * hole
+    names = [_save_png(host_base, f"quickstep_restore_hole{k}.png", damaged[k], alpha=1 - hole) for k in range(2)]
+    result = inproc.run(restore_graph(names, "inpaint", mask=True))
+    out = _grey(inproc.output(result, "out", 0))[:, None]
+    given = _grey(inproc.output(result, "images", 0))[:, None]
+    assert torch.allclose(out[..., :16, :], given[..., :16, :], atol=1e-5)
+    print("Restore Image box inpainting PSNR:", psnr(out, pair), "grey hole:", psnr(given, pair))
+    assert psnr(out, pair) > psnr(given, pair) + 2.0
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.model.state_dict().items()}, repr(model.model_options))
+
+
+def test_restore_image_bad_inputs(inproc, host_base):
+    """Clear errors naming the node and the value; the model is as it was afterwards."""
+    import sys
+
+    import comfy.sd
+    import nodes
+    from modelzoo import mnist_unet
+    from testbed.make_model_files import MMDIT_FILE
+    QuickstepRestoreImage = nodes.NODE_CLASS_MAPPINGS["QuickstepRestoreImage"]       # the pack as the host loaded it
+    QuickstepInputError = sys.modules[QuickstepRestoreImage.__module__].QuickstepInputError
+    digit = mnist_unet.load_mnist_model(prediction="eps")
+    before = _state(digit)
+    cond = mnist_unet.unconditional_conditioning(1)
+    image = torch.rand(1, 32, 32, 3)
+    base = dict(model=digit, positive=cond, image=image, model_calls=4, noise_level=0.0, blur_sigma=2.0, cfg=1.0,
+                seed=0)
+    unchanged = QuickstepRestoreImage.execute(**dict(base, task="inpaint", mask=torch.zeros(1, 64, 64)))
+    assert unchanged.result[0] is image         # an empty mask (LoadImage without alpha): nothing to fill in
+    cases = [(dict(task="inpaint", mask=torch.ones(1, 16, 16)), r"mask of size 16x16 .* does not fit the image 32x32"),
+             (dict(task="inpaint"), "needs the mask input"),
+             (dict(task="colorize"), "colorize.*1-channel"),
+             (dict(task="deblur", noise_level=float("nan")), "noise_level = nan"),
+             (dict(task="deblur", blur_sigma=float("nan")), "blur_sigma = nan"),
+             (dict(task="super_resolution_x2", image=torch.rand(1, 7, 7, 3)), r"output 14x14 .* multiple of 4")]
+    for change, pattern in cases:
+        with pytest.raises(QuickstepInputError, match="Restore Image: .*" + pattern):
+            QuickstepRestoreImage.execute(**dict(base, **change))
+    mmdit = comfy.sd.load_diffusion_model(str(host_base / "models" / "diffusion_models" / MMDIT_FILE))
+
+    class EightTimesVae:          # the checks run before the VAE is used
+        def spacial_compression_decode(self):
+            return 8
+    with pytest.raises(QuickstepInputError, match="Restore Image: .*16-channel latents: connect its VAE"):
+        QuickstepRestoreImage.execute(**dict(base, model=mmdit, task="deblur"))
+    with pytest.raises(QuickstepInputError, match=r"Restore Image: the output 1024x1024 .* 128x128 latent; this "
+                                                  r"model takes at most 64x64"):
+        QuickstepRestoreImage.execute(**dict(base, model=mmdit, task="super_resolution_x4", vae=EightTimesVae(),
+                                             image=torch.rand(1, 256, 256, 3)))
+    after = _state(digit)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())

@@ -40,7 +40,7 @@ CHEAP = {"EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
          "KSampler": {"steps": 3}, "BasicScheduler": {"steps": 3},
          # LD3's search took 101 s here on 4 trajectories (test_schedule_nodes covers it); GITS takes 3 s
          "QuickstepOptimizeSchedule": {"method": "gits", "steps": 3, "trajectories": 4, "teacher_steps": 10},
-         "QuickstepBlockCache": {"back_blocks": 0}}
+         "QuickstepBlockCache": {"back_blocks": 0}, "QuickstepRestoreImage": {"model_calls": 3}}
 
 
 def _api(name):
