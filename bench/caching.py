@@ -61,11 +61,18 @@ class Setup:
 
 
 def build_digits(name, batch):
-    from modelzoo import mnist_unet
-    flow = name == "digits-flow"
-    patcher = mnist_unet.load_mnist_model(prediction="flow" if flow else "eps")
-    return Setup(name, patcher, "sd15", mnist_unet.digit_conditioning([3, 7]),
-                 mnist_unet.unconditional_conditioning(batch), mnist_unet.empty_latent(batch),
+    """A trained digit model of the zoo (modelzoo/digit_models.py; names as bench.solvers gives them: "digits",
+    "digits-flow", "digits-<architecture>"): digits 3 and 7 (repeated to the batch) against the empty digit, CFG
+    2.5, the family's blank latent; karras for the eps UNets, simple for flow models."""
+    from modelzoo import digit_models
+    arch_name, prediction = {"digits": ("sd15", "eps"), "digits-flow": ("sd15", "flow")}.get(
+        name, (name[len("digits-"):], None))
+    patcher = digit_models.load_digit_model(arch_name, prediction)
+    flow = (prediction or digit_models.architecture(arch_name).predictions[0]) != "eps"
+    # the caches tell a UNet (DeepCache) from a DiT (Block Cache) by this label
+    arch = "sd15" if arch_name in ("sd15", "sdxl") else arch_name
+    return Setup(name, patcher, arch, digit_models.digit_conditioning([3, 7]),
+                 digit_models.unconditional_conditioning(batch), digit_models.empty_latent(arch_name, batch),
                  "simple" if flow else "karras", 2.5)
 
 
@@ -114,7 +121,8 @@ DEEPER_DITS = {
 
 TINY_DIT_FAMILIES = ("wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "ltxv", "chroma", "lumina2", "z_image")
 BUILDERS = {
-    "digits": build_digits, "digits-flow": build_digits,
+    **{name: build_digits for name in ("digits", "digits-flow", "digits-sdxl", "digits-sd3", "digits-flux",
+                                       "digits-qwen_image", "digits-lumina2", "digits-wan21")},
     "sd15-full-smooth": lambda name, batch: build_sd15_full(name, 24, 1, smooth=True),   # one call takes seconds
     **{name: build_tiny_host for name in ("sd15", "mmdit", "flux", *DEEPER_DITS)},
     **{name: build_tiny_dit for name in TINY_DIT_FAMILIES},
