@@ -373,7 +373,7 @@ def dmn_sigmas(nfe, order=2, sigma_max=14.614642, sigma_min=0.0291675, flow=Fals
 # ----------------------------------------------------------------------------------------------------------------
 # teacher trajectories and the grid DPs (GITS, OSS, AYS-KLUB)
 
-def _teacher(denoise_fn, x, grid, progress, total, flow):
+def teacher_states(denoise_fn, x, grid, progress, total, flow):
     """qs_dpmpp_2m over the fine grid; returns states X[a] and denoised D[a] at every grid node a."""
     X, Ds = [], []
 
@@ -436,7 +436,7 @@ def gits_sigmas(denoise_fn, x_batch, sigma_grid, nfe, coeff=1.15, metric="l2", f
     if not math.isfinite(coeff) or coeff <= 0:
         raise ValueError(f"coeff={coeff!r} must be finite and > 0")
     G = grid.shape[0]
-    X, Ds = _teacher(denoise_fn, x_batch, grid, progress, G, flow)
+    X, Ds = teacher_states(denoise_fn, x_batch, grid, progress, G, flow)
     B = x_batch.shape[0]
     Xf = torch.stack([v.reshape(B, -1).to(torch.float64) for v in X])          # (G, B, F)
     Df = torch.stack([v.reshape(B, -1).to(torch.float64) for v in Ds])
@@ -473,7 +473,7 @@ def oss_sigmas(denoise_fn, x_batch, sigma_grid, nfe, solver="euler", flow=False,
     grid = _check_grid(sigma_grid, nfe, flow)
     G = grid.shape[0]
     total = G + nfe * G
-    X, _ = _teacher(denoise_fn, x_batch, grid, progress, total, flow)
+    X, _ = teacher_states(denoise_fn, x_batch, grid, progress, total, flow)
     frame = Frame(flow)
     B = x_batch.shape[0]
 
@@ -530,7 +530,7 @@ def ays_sigmas(denoise_fn, x_batch, sigma_grid, nfe, flow=False, seed=0, progres
         raise ValueError("sigma_grid for ays_sigmas must end at sigma_min > 0, not 0 (the KLUB weight diverges at 0)")
     G = grid.shape[0]
     total = 2 * G
-    X, _ = _teacher(denoise_fn, x_batch, torch.cat([grid, grid.new_zeros(1)]), progress, total, flow)
+    X, _ = teacher_states(denoise_fn, x_batch, torch.cat([grid, grid.new_zeros(1)]), progress, total, flow)
     x0 = X[-1].to(torch.float64)
     B = x0.shape[0]
     # VE frame: sigma~ = sigma / alpha, x~ = x0 + W(sigma~^2), flow state x = alpha * x~
