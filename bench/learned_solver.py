@@ -13,7 +13,7 @@ samples from the learned solver at the largest budget, from DPM-Solver++(2M) at 
 pair at that budget, each against the 4,500 training digits.
 
 usage: python -m bench.learned_solver [--families digits digits-flow eps flow] [--nfe 4 5] [--samples 32]
-                                      [--trajectories 24] [--max-fits 40] [--reference-steps 200]
+                                      [--trajectories 24] [--max-fits 16] [--reference-steps 200]
                                       [--fd-samples 500] [--host-samplers ...] [--host-schedulers ...]
 Writes bench/results/learned_solver.json and prints one markdown table per model.
 """
@@ -48,7 +48,7 @@ def sample_with(case, solver_node, solver, noise, positive, negative):
     """Samples through the host's sampling path with the learned solver's SAMPLER; (samples, counted calls)."""
     import comfy.sample
     counted = CountedModel(case.model)
-    sampler = solver_node.sampler_object("bench", solver_node.sample_learned, **solver.options())
+    sampler = solver_node.learned_sampler("bench", solver)
     latent = torch.zeros_like(noise) if case.latent is None else case.latent.expand_as(noise)
     out = comfy.sample.sample_custom(counted.patcher, noise, case.cfg, sampler,
                                      torch.tensor(solver.sigmas, dtype=torch.float32), positive, negative, latent,
@@ -143,8 +143,8 @@ def main(argv=None):
     parser.add_argument("--nfe", type=int, nargs="+", default=[4, 5])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--trajectories", type=int, default=24, help="the node's default")
-    parser.add_argument("--teacher-steps", type=int, default=60, help="the node's default")
-    parser.add_argument("--max-fits", type=int, default=40, help="the node's default")
+    parser.add_argument("--teacher-steps", type=int, default=40, help="the node's default")
+    parser.add_argument("--max-fits", type=int, default=16, help="the node's default")
     parser.add_argument("--reference-steps", type=int, default=200, help="the digit models' 2M reference steps")
     parser.add_argument("--fd-samples", type=int, default=0, help="Frechet distance sample count (digit models)")
     parser.add_argument("--host-samplers", nargs="+", default=list(HOST_SAMPLERS))

@@ -19,16 +19,28 @@ from .schedules import (_conditioning_digest, _teacher_grid, host_progress, mode
                         read_schedule_file, refuse_other_model, schedule_dir, schedule_path, stock_schedules,
                         write_json_atomically, SCHEDULE_FORMAT)
 from ..samplers.frame import is_flow
-from ..samplers.learned_solver import LearnedSolver, learn_solver, sample_learned
+from ..samplers.learned_solver import LearnedSolver, check_sigmas_match, learn_solver, sample_learned
 
 SOLVER_CATEGORY = f"{CATEGORY}/schedules"
 VALIDATION_SHARE = 1 / 3        # of the noises held out for early stopping and for choosing the result
 
 
+def learned_sampler(node, solver):
+    """The SAMPLER of a learned solver; sigmas other than its own are refused naming `node`."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        try:
+            check_sigmas_match(sigmas, options["learned_sigmas"])
+        except ValueError as error:
+            raise QuickstepInputError(node, str(error)) from None
+        return sample_learned(model, x, sigmas, extra_args, callback, disable, **options)
+    sample.validate = sample_learned.validate
+    return sampler_object(node, sample, **solver.options())
+
+
 def solver_outputs(node, solver):
     """(SAMPLER, SIGMAS, text) of a learned solver."""
     sigmas = torch.tensor(solver.sigmas, dtype=torch.float32)
-    return io.NodeOutput(sampler_object(node, sample_learned, **solver.options()), sigmas, solver_text(solver))
+    return io.NodeOutput(learned_sampler(node, solver), sigmas, solver_text(solver))
 
 
 def solver_text(solver):
@@ -96,10 +108,10 @@ class QuickstepOptimizeSolver(io.ComfyNode):
                     io.Int.Input("trajectories", default=24, min=3, max=256,
                                  tooltip="Noises to learn from; a third is held out for validation (early "
                                          "stopping and the final choice)."),
-                    io.Int.Input("teacher_steps", default=60, min=10, max=1000,
+                    io.Int.Input("teacher_steps", default=40, min=10, max=1000,
                                  tooltip="Steps of the reference trajectories; the learned time steps are among "
                                          "its steps."),
-                    io.Int.Input("max_fits", default=40, min=1, max=500,
+                    io.Int.Input("max_fits", default=16, min=1, max=500,
                                  tooltip="Search budget: passes over the training noises (each costs 'steps' "
                                          "model calls on two thirds of the trajectories)."),
                     io.Int.Input("training_seed", default=0, min=0, max=2**31 - 1,

@@ -83,12 +83,8 @@ def sample_learned(model, x, sigmas, extra_args=None, callback=None, disable=Non
                    learned_sigmas=None, stats=None):
     """The learned multistep solver (module docstring); it runs only on the sigmas it was learned for."""
     check_solver_options(coefficients, learned_sigmas, stats)
+    check_sigmas_match(sigmas, learned_sigmas)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
-    given = torch.tensor([float(s) for s in run.sigmas], dtype=torch.float64)
-    learned = torch.tensor(learned_sigmas, dtype=torch.float64)
-    if given.shape != learned.shape or not torch.allclose(given, learned, rtol=1e-4, atol=1e-6):
-        raise ValueError(f"sigmas {[round(float(s), 5) for s in given]} are not the ones this solver was learned "
-                         f"for {[round(float(s), 5) for s in learned]} (connect the Optimize Solver node's SIGMAS)")
     x, outputs = run.x, []
     for i in run.steps():
         denoised = run.denoiser(x, run.sigmas[i])
@@ -99,10 +95,19 @@ def sample_learned(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return run.finish(x)
 
 
+def check_sigmas_match(sigmas, learned_sigmas):
+    """The coefficients hold only on the sigmas they were learned for: raise ValueError for any others."""
+    given = torch.as_tensor(sigmas).detach().double().cpu().flatten()
+    learned = torch.tensor(learned_sigmas, dtype=torch.float64)
+    if given.shape != learned.shape or not torch.allclose(given, learned, rtol=1e-4, atol=1e-6):
+        raise ValueError(f"sigmas {[round(float(s), 5) for s in given]} are not the ones this solver was learned "
+                         f"for {[round(float(s), 5) for s in learned]} (connect the Optimize Solver node's SIGMAS)")
+
+
 def dpm_solver_weights(frame, sigmas, step, count):
     """DPM-Solver++ weights (order `count`, midpoint 2M form) of step `step` over the `count` newest outputs: the
     coefficients a learned solver starts from and is pulled towards."""
-    stencil = [float(s) for s in sigmas[step::-1][:count]]
+    stencil = [float(s) for s in sigmas][step::-1][:count]
     return frame.finite_for(stencil).taylor_weights(stencil[0], float(sigmas[step + 1]), stencil, True)[1]
 
 
@@ -129,8 +134,8 @@ def _fit_step(target, moving, features, base, ridge, reweighting=3):
     + ridge * tr(G)/K * ||delta||^2, with Huber weights w_n re-estimated from the per-noise residuals."""
     count, batch = len(features), target.shape[0]
     F = torch.stack([f.flatten(1).to(torch.float64) for f in features])            # [K, B, P]
-    y = (target - moving).flatten(1).to(torch.float64) - torch.einsum("k,kbp->bp", torch.tensor(base,
-                                                                                                  dtype=torch.float64), F)
+    base_step = torch.einsum("k,kbp->bp", torch.tensor(base, dtype=torch.float64), F)
+    y = (target - moving).flatten(1).to(torch.float64) - base_step
     w = torch.ones(batch, dtype=torch.float64)
     delta = torch.zeros(count, dtype=torch.float64)
     for _ in range(reweighting):
@@ -223,8 +228,8 @@ def learn_solver(denoise_fn, x_start, n_train, grid, nfe, flow=False, init=None,
     ones (the leading rows), so per-row conditioning cut from the front stays with its rows.
     ``init``: candidate starting schedules (nfe nonzero sigmas + 0); the one whose DPM-Solver++ has the lowest
     robust training error is the initialization (default: the grid's own nodes, evenly spaced).
-    ``max_fits``: training passes (each nfe model calls on the training noises) the search may spend; ``patience``: accepted
-    moves without a validation gain before it stops.  ``progress(i, total)`` may raise to interrupt.
+    ``max_fits``: training passes (each nfe model calls on the training noises) the search may spend;
+    ``patience``: accepted moves without a validation gain before it stops.  ``progress(i, total)`` may raise to interrupt.
     """
     started = time.perf_counter()
     grid = torch.as_tensor(grid, dtype=torch.float64).flatten().cpu()

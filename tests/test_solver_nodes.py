@@ -21,6 +21,7 @@ def _optimize_node(steps=4, teacher_steps=40, family_model="model"):
 def _solver_graph(family, steps=4):
     graph = oracle_sampling_graph(family, seed=3, batch=8, sigmas_node=_optimize_node(steps))
     graph["sampler"] = {"class_type": "QuickstepSolverFromText", "inputs": {"solver_text": ["sigmas", 2]}}
+    graph["out"]["inputs"]["sigmas"] = ["sigmas", 1]
     return graph
 
 
@@ -108,6 +109,7 @@ def test_bad_optimize_input_names_node_and_value(inproc, change, problem):
     node = _optimize_node()
     node["inputs"].update(change)
     graph = oracle_sampling_graph("flow", seed=3, batch=2, sigmas_node=node)
+    graph["out"]["inputs"]["sigmas"] = ["sigmas", 1]
     result = inproc.run(graph, check=False)
     assert result.status == "error"
     message = result.error()["exception_message"]
