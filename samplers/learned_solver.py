@@ -229,7 +229,8 @@ def learn_solver(denoise_fn, x_start, n_train, grid, nfe, flow=False, init=None,
     ``init``: candidate starting schedules (nfe nonzero sigmas + 0); the one whose DPM-Solver++ has the lowest
     robust training error is the initialization (default: the grid's own nodes, evenly spaced).
     ``max_fits``: training passes (each nfe model calls on the training noises) the search may spend;
-    ``patience``: accepted moves without a validation gain before it stops.  ``progress(i, total)`` may raise to interrupt.
+    ``patience``: accepted moves without a validation gain before it stops.  ``progress(i, total)`` may raise to
+    interrupt.
     """
     started = time.perf_counter()
     grid = torch.as_tensor(grid, dtype=torch.float64).flatten().cpu()
