@@ -60,6 +60,11 @@ def test_ld3_node_improves_its_held_out_objective_and_stays_near_the_best_builti
     assert record["sigmas"] == sigmas.tolist()
     assert record["result"]["objective_after"] < record["result"]["objective_before"]
     assert record["result"]["iterations"] > 0 and not record["result"]["diverged"]
+    # "ld3" is the old name of the Nelder-Mead search: the same method, so the same cached schedule
+    renamed = oracle_sampling_graph(family, "dpmpp_2m", 5, seed=3, batch=8,
+                                    sigmas_node=_optimize_node("nelder-mead", 5))
+    assert torch.equal(inproc.output(inproc.run(renamed), "sigmas"), sigmas)
+    assert len(list(fresh_schedule_cache.glob("*.json"))) == 1
 
 
 @pytest.mark.parametrize("family", ["eps", "flow"])
