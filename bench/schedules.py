@@ -7,12 +7,12 @@ Rows per NFE budget:
 - the host's published tables that fit the model (AYS SD1 and GITS coeff 1.20 for an EPS model with the SD1.5
   sigma range; OSS FLUX / Wan / Chroma for flow models), through the host's own scheduler nodes;
 - qs_dmn (data-free, order 2);
-- ld3 / oss / gits / ays computed for the model exactly as the "Optimize Steps For My Model" node computes them
+- nelder-mead (the node's former "ld3") / oss / gits / ays computed for the model exactly as the "Optimize Steps For My Model" node computes them
   (its defaults: 32 training noises of another seed than the evaluation noises, a 60-step teacher), with the
   optimization's wall time.
 
 usage: python -m bench.schedules [--families eps flow digits digits-flow] [--nfe 4 5 6] [--samples 64]
-                                [--sampler qs_dpmpp_2m] [--trajectories 32] [--methods ld3 oss gits ays]
+                                [--sampler qs_dpmpp_2m] [--trajectories 32] [--methods nelder-mead oss gits ays]
                                 [--reference-steps 500]
 Writes bench/results/schedules.json and prints one markdown table per model.
 """
@@ -25,7 +25,7 @@ import torch
 
 from bench.solvers import RESULTS, family_case, schedule, start_host
 
-OPTIMIZERS = ("ld3", "oss", "gits", "ays")
+OPTIMIZERS = ("nelder-mead", "oss", "gits", "ays")
 
 
 def pack_module(base, name):

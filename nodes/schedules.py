@@ -20,7 +20,11 @@ from .common import CATEGORY, QuickstepInputError, require_choice, require_finit
 from ..samplers import schedules
 from ..samplers.frame import is_flow
 
-OPTIMIZERS = ("ld3", "oss", "gits", "ays")
+# "nelder-mead": a derivative-free search of the time steps on the final error against the teacher (what this node
+# used to call "ld3": published LD3 back-propagates through the model, which host models under inference mode do not
+# allow).  "ld3" stays accepted so old workflows load, as a deprecated alias of it.
+OPTIMIZERS = ("nelder-mead", "oss", "gits", "ays", "ld3")
+DEPRECATED_METHODS = {"ld3": "nelder-mead"}
 DEFAULT_OPTIMIZER = "oss"     # README, timestep optimizers: the fastest that stays near the best stock schedule
 SOLVERS = schedules.SOLVERS
 SCHEDULE_FOLDER = "quickstep_schedules"
@@ -263,8 +267,9 @@ class QuickstepOptimizeSchedule(io.ComfyNode):
             display_name="Optimize Steps For My Model",
             category=f"{CATEGORY}/schedules",
             description="Computes the time steps that make a solver most accurate for this model, prompt, CFG and "
-                        "latent size, from a few of its own trajectories: LD3 (teacher-student; derivative-free "
-                        "search, since the host runs models without gradients), OSS (dynamic programming against "
+                        "latent size, from a few of its own trajectories: nelder-mead (a derivative-free search on "
+                        "the final error against a many-step teacher; 'ld3' is its old, deprecated name), OSS "
+                        "(dynamic programming against "
                         "a many-step teacher), GITS (trajectory regularity) or an AYS-style KL bound. The result "
                         "is cached on disk, so re-running the graph does not re-optimize; its text output can be "
                         "pasted into 'Sigmas From Text' so a shared workflow needs no file.",
@@ -276,9 +281,10 @@ class QuickstepOptimizeSchedule(io.ComfyNode):
                                    tooltip="oss (default): dynamic programming against the teacher, the fastest "
                                            "method that stays near the best stock schedule (oracle 4-6 NFE: "
                                            "1.16-1.98x its error in 8-14 s; trained digit flow model 5 NFE: 1.01x "
-                                           "in 139 s). ld3: slowest (2-3x oss's time, minutes on a real model), "
-                                           "best on EPS models (1.13-1.69x). gits / ays: about 1 s but 2.5-11x "
-                                           "worse than stock on the oracle. Model calls are batched over the "
+                                           "in 139 s). nelder-mead: slowest (2-3x oss's time, minutes on a real "
+                                           "model), best on EPS models (1.13-1.69x). gits / ays: about 1 s but "
+                                           "2.5-11x worse than stock on the oracle. ld3: the old name of "
+                                           "nelder-mead, kept for saved workflows. Model calls are batched over the "
                                            "trajectories; each run logs how many it made."),
                     io.Combo.Input("solver", options=list(SOLVERS), default="dpmpp_2m",
                                    tooltip="The solver the steps are for (dpmpp_2m also suits UniPC/DEIS)."),
@@ -286,8 +292,9 @@ class QuickstepOptimizeSchedule(io.ComfyNode):
                     io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="CFG scale used "
                                    "while sampling."),
                     io.Int.Input("trajectories", default=32, min=2, max=256, tooltip="How many noises to learn "
-                                 "from (LD3 holds a quarter out for validation). With 16 or fewer, LD3 overfits: "
-                                 "its schedule can be worse than the stock ones on other seeds."),
+                                 "from (nelder-mead holds a quarter out for validation). With 16 or fewer, "
+                                 "nelder-mead overfits: its schedule can be worse than the stock ones on other "
+                                 "seeds."),
                     io.Int.Input("teacher_steps", default=60, min=10, max=1000, tooltip="Steps of the reference "
                                  "(teacher) trajectory."),
                     io.Int.Input("training_seed", default=0, min=0, max=2**31 - 1,
@@ -300,6 +307,10 @@ class QuickstepOptimizeSchedule(io.ComfyNode):
         seed = training_seed
         node = "Optimize Steps For My Model"
         require_choice(node, "method", method, OPTIMIZERS)
+        if method in DEPRECATED_METHODS:
+            logging.warning("Quickstep %s: method %r is deprecated, it runs %r (a Nelder-Mead search, not published "
+                            "LD3)", node, method, DEPRECATED_METHODS[method])
+            method = DEPRECATED_METHODS[method]
         require_choice(node, "solver", solver, SOLVERS)
         require_finite(node, "cfg", cfg, 0.0, 100.0)
         model_sampling = model.get_model_object("model_sampling")
@@ -348,7 +359,7 @@ def _conditioning_digest(*conditionings):
 def _run_optimizer(method, solver, steps, teacher_steps, denoise_fn, x_start, model_sampling, flow, seed, progress):
     sigma_max, sigma_min = sigma_range(model_sampling)
     with torch.no_grad():
-        if method == "ld3":
+        if method == "nelder-mead":
             return schedules.ld3_sigmas(denoise_fn, x_start, steps, sigma_max, sigma_min, flow=flow, solver=solver,
                                         teacher_steps=teacher_steps, iters=100, seed=seed,
                                         init=stock_schedules(model_sampling, steps), search="derivative-free",
@@ -364,8 +375,9 @@ def _run_optimizer(method, solver, steps, teacher_steps, denoise_fn, x_start, mo
 
 
 def stock_schedules(model_sampling, steps):
-    """The host's own schedules of `steps` model calls that start at the model's sigma_max (LD3's starting points,
-    so the learned schedule starts no worse than the best stock one on the training noises)."""
+    """The host's own schedules of `steps` model calls that start at the model's sigma_max (the starting points of
+    the Nelder-Mead search and of the learned solver, so they start no worse than the best stock one on the training
+    noises)."""
     import comfy.samplers
     sigma_max = sigma_range(model_sampling)[0]
     found = []
@@ -444,18 +456,22 @@ class QuickstepLoadSchedule(io.ComfyNode):
         if not os.path.exists(path):
             raise QuickstepInputError(node, f"name = {name!r}: no saved schedule of that name in {schedule_dir()}")
         record, sigmas = read_schedule_file(node, path)
-        saved = record.get("settings", {})
-        flow = is_flow(model.get_model_object("model_sampling"))
-        problems = []
-        if saved.get("flow") is not None and saved["flow"] != flow:
-            problems.append(f"it was made for a {'flow' if saved['flow'] else 'eps/v'} model")
-        if saved.get("model") not in (None, model_fingerprint(model)):
-            problems.append("it was made for another model (fingerprint differs)")
-        if problems and not force:
-            raise QuickstepInputError(node, f"schedule {name!r}: {'; '.join(problems)}; set force to use it anyway")
-        if problems:
-            logging.warning("Quickstep %s: using schedule %r although %s", node, name, "; ".join(problems))
+        refuse_other_model(node, f"schedule {name!r}", record.get("settings", {}), model, force)
         return io.NodeOutput(sigmas)
+
+
+def refuse_other_model(node, what, saved, model, force):
+    """Raise unless the `saved` settings' family and fingerprint are the model's, or `force` (then warn)."""
+    flow = is_flow(model.get_model_object("model_sampling"))
+    problems = []
+    if saved.get("flow") is not None and saved["flow"] != flow:
+        problems.append(f"it was made for a {'flow' if saved['flow'] else 'eps/v'} model")
+    if saved.get("model") not in (None, model_fingerprint(model)):
+        problems.append("it was made for another model (fingerprint differs)")
+    if problems and not force:
+        raise QuickstepInputError(node, f"{what}: {'; '.join(problems)}; set force to use it anyway")
+    if problems:
+        logging.warning("Quickstep %s: using %s although %s", node, what, "; ".join(problems))
 
 
 class QuickstepSigmasFromText(io.ComfyNode):

@@ -86,7 +86,10 @@ class Run:
         validate_sigmas(sigmas)
         self.input_dtype = x.dtype
         self.x = x.to(torch.promote_types(x.dtype, torch.float32))
-        self.sigmas = [float(s) for s in torch.as_tensor(sigmas).double()]
+        sigmas = torch.as_tensor(sigmas).double()
+        # Sigmas that require grad stay 0-dim tensors (frame.py's algebra takes both): the schedule optimizers
+        # back-propagate through the sampler itself.
+        self.sigmas = list(sigmas.unbind()) if sigmas.requires_grad else [float(s) for s in sigmas]
         self.n_steps = len(self.sigmas) - 1
         self.denoiser = Denoiser(model, extra_args)
         self.callback = callback

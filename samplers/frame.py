@@ -9,14 +9,22 @@ model; a step whose stencil touches such a sigma is taken in Frame A (`Frame.fin
 spec 0.5, which keeps the model call at the true sigma = 1 (no offset).
 
 Every update is written as  x_t = ratio * x_s + sum_j weight_j * D_j  (data prediction) with scalar weights
-computed here in float64 (python floats) and applied by the caller in the state dtype (fp32).
+computed here in float64 (python floats) and applied by the caller in the state dtype (fp32).  The sigmas may also
+be 0-dim float64 tensors: the weights are then tensors differentiable in the sigmas, which is how the schedule
+optimizers back-propagate through the very samplers that run (samplers/schedules.py `sample_ode`).
 """
 import math
 
 import numpy as np
+import torch
 
 _SERIES_BELOW = 0.5     # |z| under which phi_k(z) is summed as a power series (the recurrence cancels there)
 _SERIES_TERMS = 30
+
+
+def _math(value):
+    """The function namespace for a python float (math) or a tensor (torch): one formula serves both."""
+    return torch if torch.is_tensor(value) else math
 
 
 def phi(k, z):
@@ -27,10 +35,10 @@ def phi(k, z):
     if z == -math.inf:
         return 0.0
     if abs(z) < _SERIES_BELOW:
-        return sum(z ** j / math.factorial(j + k) for j in range(_SERIES_TERMS))
+        return sum(z ** j / float(math.factorial(j + k)) for j in range(_SERIES_TERMS))
     if k == 0:
-        return math.exp(z)
-    value = math.expm1(z) / z                     # phi_1 in its expm1 form
+        return _math(z).exp(z)
+    value = _math(z).expm1(z) / z                     # phi_1 in its expm1 form
     for m in range(1, k):
         value = (value - 1.0 / math.factorial(m)) / z
     return value
@@ -67,15 +75,15 @@ class Frame:
         alpha = self.alpha(sigma)
         if alpha <= 0.0:
             return -math.inf
-        return math.log(alpha / sigma)
+        return _math(sigma).log(alpha / sigma)
 
     def sigma(self, lam):
         """Inverse of `lam`: exp(-lambda) for VE, sigmoid(-lambda) for flow."""
         if lam == math.inf:
             return 0.0
         if self.flow:
-            return 1.0 / (1.0 + math.exp(lam))
-        return math.exp(-lam)
+            return 1.0 / (1.0 + _math(lam).exp(lam))
+        return _math(lam).exp(-lam)
 
     def finite_for(self, sigmas):
         """This frame when lambda is finite at every positive sigma of a step's stencil, else Frame A."""
@@ -103,13 +111,16 @@ class Frame:
         order = len(history_sigmas)
         if order == 1 or h == math.inf:
             return ratio, [alpha_t * data_kernel(0, h)] + [0.0] * (order - 1)
-        taus = np.array([(self.lam(s) - lam_s) / h for s in history_sigmas])
-        # Taylor coefficients a_k (P(tau) = sum a_k tau^k, so h^k D^(k) = k! a_k) are inverse-Vandermonde rows.
-        inv_vandermonde = np.linalg.inv(np.vander(taus, order, increasing=True))
         kernels = [data_kernel(k, h) * math.factorial(k) for k in range(order)]
         if midpoint and order == 2:
             kernels[1] = 0.5 * data_kernel(0, h)
-        weights = alpha_t * (np.array(kernels) @ inv_vandermonde)
+        # Taylor coefficients a_k (P(tau) = sum a_k tau^k, so h^k D^(k) = k! a_k) are inverse-Vandermonde rows;
+        # float64 torch either way, so tensor sigmas keep their gradient.
+        taus = _stack([(self.lam(s) - lam_s) / h for s in history_sigmas])
+        inv_vandermonde = torch.linalg.inv(torch.stack([taus ** k for k in range(order)], 1))
+        weights = alpha_t * (_stack(kernels) @ inv_vandermonde)
+        if torch.is_tensor(h):
+            return ratio, list(weights.unbind())
         return ratio, [float(w) for w in weights]
 
     def unipc_weights(self, sigma_s, sigma_t, history_sigmas, variant, corrector):
@@ -177,6 +188,10 @@ class Frame:
 VE_FRAME = Frame(flow=False)
 
 
+def _stack(values):
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+
+
 def model_sampling_of(model):
     """The host's model_sampling object, found as ComfyUI's own samplers do; None outside the host."""
     patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
@@ -195,5 +210,9 @@ def is_flow(model_sampling):
 
 
 def frame_of(model):
-    """Frame B of the model (VE when no model_sampling is found)."""
+    """Frame B of the model: its own `frame` attribute where it has one (a plain-torch denoiser wrapped by the
+    optimizers, which have no host model_sampling), else from the host's model_sampling (VE when none is found)."""
+    own = getattr(model, "frame", None)
+    if isinstance(own, Frame):
+        return own
     return Frame(flow=is_flow(model_sampling_of(model)))

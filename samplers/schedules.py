@@ -38,12 +38,16 @@ import time
 import numpy as np
 import torch
 
+from .frame import Frame
+from .solvers import History, dpmpp_predictor, sample_dpmpp_2m, sample_euler
+
 __all__ = [
     "karras_sigmas", "flow_shift_sigmas", "interpolate_sigmas", "sample_ode",
     "dmn_sigmas", "dmn_objective", "gits_sigmas", "oss_sigmas", "ld3_sigmas", "ays_sigmas",
 ]
 
 SOLVERS = ("euler", "dpmpp_2m")
+_SOLVERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
 LD3_SEARCHES = ("adam", "derivative-free")
 _MIN_NFE = {"euler": 2, "dpmpp_2m": 3}
 _FLOW_SNR_OFFSET = 1e-4   # sigma = 1 has lambda = -inf in the true-log-SNR frame; nudge as the host does
@@ -161,62 +165,51 @@ def interpolate_sigmas(sigmas, steps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# private reference solvers (differentiable in the sigmas)
+# the students: the pack's own samplers (solvers.py), driven with a plain denoise_fn
 
-def _lam(sig, flow, frame):
-    """Half log-SNR of a positive sigma (tensor) in frame A (-log sigma) or B (flow: log((1-sigma)/sigma))."""
-    if flow and frame == "B":
-        s = torch.clamp(sig, max=1.0 - _FLOW_SNR_OFFSET)
-        return torch.log1p(-s) - torch.log(s)
-    return -torch.log(sig)
+class FrameDenoiser:
+    """A plain ``denoise_fn(x, sigma)`` as the sampler-side model of solvers.py, carrying the model's Frame B
+    (``frame_of`` finds it), so the optimizers run, and differentiate through, exactly the qs_ sampler that samples."""
 
+    def __init__(self, denoise_fn, flow):
+        self.denoise_fn, self.frame = denoise_fn, Frame(flow)
 
-def _alpha(sig, flow, frame):
-    if flow and frame == "B":
-        return 1.0 - torch.clamp(sig, max=1.0 - _FLOW_SNR_OFFSET)
-    return torch.ones_like(sig)
+    def __call__(self, x, sigma, **extra_args):
+        # the sampler passes one sigma for the whole batch: a 0-dim tensor (possibly requiring grad) or a batch row
+        return self.denoise_fn(x, sigma if sigma.dim() == 0 else sigma[0].double())
 
 
-def _dpm_step(x, den, s, t, h_prev, den_prev, flow, frame):
-    """One DPM-Solver++(2M) data-prediction step s -> t (> 0); returns (x_t, h)."""
-    lam_s, lam_t = _lam(s, flow, frame), _lam(t, flow, frame)
-    h = lam_t - lam_s
-    ratio = t / s
-    a_t = _alpha(t, flow, frame)
-    if den_prev is not None:
-        r = h_prev / h
-        den = (1 + 1 / (2 * r)) * den - (1 / (2 * r)) * den_prev
-    return (ratio * x - a_t * torch.expm1(-h) * den), h
-
-
-def sample_ode(denoise_fn, x, sigmas, solver="euler", flow=False, frame="A", return_states=False):
-    """Integrate the PF-ODE over ``sigmas`` (decreasing, may end at 0) with Euler or DPM-Solver++(2M).
-
-    Euler: x += (sigma_next - sigma) * (x - D)/sigma (= DDIM, frame-free).  DPM-Solver++(2M) in data prediction,
-    frame "A" (lambda = -log sigma, the host's ``dpmpp_2m`` for every family) or frame "B" (flow only: true
-    log-SNR, alpha = 1 - sigma).  A step onto sigma = 0 is x = D.  Differentiable w.r.t. ``sigmas`` and ``x``.
-    """
+def sample_ode(denoise_fn, x, sigmas, solver="euler", flow=False, return_states=False):
+    """Integrate the PF-ODE over ``sigmas`` (decreasing, may end at 0) with the pack's qs_euler or qs_dpmpp_2m
+    (DPM-Solver++(2M) in the model's own frame: true log-SNR on flow models, Frame A for a step touching sigma = 1),
+    exactly the sampler a workflow runs.  Differentiable w.r.t. ``sigmas`` (when they require grad) and ``x``.
+    ``return_states``: also the states x_i at every sigma_i (then the result) and the outputs D(x_i, sigma_i)."""
     _check_solver(solver)
-    sig = torch.as_tensor(sigmas, dtype=torch.float64)
-    if not torch.is_tensor(sigmas):
-        sig = sig.to(x.device)
-    states, dens = [x], []
-    den_prev, h_prev = None, None
-    for i in range(sig.shape[0] - 1):
-        s, t = sig[i], sig[i + 1]
-        den = denoise_fn(x, s)
-        dens.append(den)
-        if float(t.detach()) == 0.0:
-            x = den
-        elif solver == "euler":
-            x = x + (t - s) * (x - den) / s
-        else:
-            x, h = _dpm_step(x, den, s, t, h_prev, den_prev, flow, frame)
-            den_prev, h_prev = den, h
-        states.append(x)
+    states, dens = [], []
+
+    def collect(step):
+        states.append(step["x"])
+        dens.append(step["denoised"])
+    out = _SOLVERS[solver](FrameDenoiser(denoise_fn, flow), x, sigmas, disable=True,
+                           callback=collect if return_states else None)
     if return_states:
-        return x, states, dens
-    return x
+        return out, states + [out], dens
+    return out
+
+
+def student_step(frame, z, den, s, t, solver, previous=None):
+    """One step s -> t of the student sampler from state z with D(z, s) = den; ``previous``: (sigma, D) of the step
+    before (DPM-Solver++(2M) only).  The predictor is the one solvers.py runs, so OSS's dynamic programme scores the
+    sampler that samples."""
+    if float(t) == 0.0:
+        return den
+    if solver == "euler":
+        return z + (t - s) * (z - den) / s
+    history = History()
+    if previous is not None:
+        history.push(previous[0], previous[1], None)
+    history.push(s, den, None)
+    return dpmpp_predictor(True)(frame, z, t, history, len(history))
 
 
 def _rms_err(a, b):
@@ -380,26 +373,18 @@ def dmn_sigmas(nfe, order=2, sigma_max=14.614642, sigma_min=0.0291675, flow=Fals
 # ----------------------------------------------------------------------------------------------------------------
 # teacher trajectories and the grid DPs (GITS, OSS, AYS-KLUB)
 
-def _teacher(denoise_fn, x, grid, progress, total, flow, frame="A"):
-    """DPM-Solver++(2M) over the fine grid; returns states X[a] and denoised D[a] at every grid node a."""
-    X, Ds = [x], []
-    den_prev, h_prev = None, None
+def teacher_states(denoise_fn, x, grid, progress, total, flow):
+    """qs_dpmpp_2m over the fine grid; returns states X[a] and denoised D[a] at every grid node a."""
+    X, Ds = [], []
+
+    def collect(step):
+        X.append(step["x"])
+        Ds.append(step["denoised"])
+        _progress(progress, step["i"] + 1, total)
     with torch.no_grad():
-        for i in range(grid.shape[0] - 1):
-            s, t = grid[i], grid[i + 1]
-            den = denoise_fn(x, s)
-            Ds.append(den)
-            if float(t) == 0.0:
-                x = den
-            else:
-                x, h = _dpm_step(x, den, s, t, h_prev, den_prev, flow, frame)
-                den_prev, h_prev = den, h
-            X.append(x)
-            _progress(progress, i + 1, total)
-        if float(grid[-1]) > 0:
-            Ds.append(denoise_fn(x, grid[-1]))
-        else:
-            Ds.append(x)
+        x = _SOLVERS["dpmpp_2m"](FrameDenoiser(denoise_fn, flow), x, grid, disable=True, callback=collect)
+        X.append(x)
+        Ds.append(denoise_fn(x, grid[-1]) if float(grid[-1]) > 0 else x)
     return X, Ds
 
 
@@ -451,7 +436,7 @@ def gits_sigmas(denoise_fn, x_batch, sigma_grid, nfe, coeff=1.15, metric="l2", f
     if not math.isfinite(coeff) or coeff <= 0:
         raise ValueError(f"coeff={coeff!r} must be finite and > 0")
     G = grid.shape[0]
-    X, Ds = _teacher(denoise_fn, x_batch, grid, progress, G, flow)
+    X, Ds = teacher_states(denoise_fn, x_batch, grid, progress, G, flow)
     B = x_batch.shape[0]
     Xf = torch.stack([v.reshape(B, -1).to(torch.float64) for v in X])          # (G, B, F)
     Df = torch.stack([v.reshape(B, -1).to(torch.float64) for v in Ds])
@@ -473,7 +458,7 @@ def gits_sigmas(denoise_fn, x_batch, sigma_grid, nfe, coeff=1.15, metric="l2", f
                  "grid_indices": path, "wall_time_s": time.perf_counter() - t0}
 
 
-def oss_sigmas(denoise_fn, x_batch, sigma_grid, nfe, solver="euler", flow=False, frame="A", progress=None):
+def oss_sigmas(denoise_fn, x_batch, sigma_grid, nfe, solver="euler", flow=False, progress=None):
     """OSS-style optimal steps: DP against a many-step teacher trajectory, propagating the student's own states.
 
     Teacher: DPM-Solver++(2M) over ``sigma_grid`` (fine, e.g. 100+ nodes, ideally ending with 0).
@@ -488,21 +473,22 @@ def oss_sigmas(denoise_fn, x_batch, sigma_grid, nfe, solver="euler", flow=False,
     grid = _check_grid(sigma_grid, nfe, flow)
     G = grid.shape[0]
     total = G + nfe * G
-    X, _ = _teacher(denoise_fn, x_batch, grid, progress, total, flow, frame)
+    X, _ = teacher_states(denoise_fn, x_batch, grid, progress, total, flow)
+    frame = Frame(flow)
     B = x_batch.shape[0]
 
     def mse(a, b):
         return float((a - b).reshape(B, -1).to(torch.float64).pow(2).mean())
 
-    # states[j] = (z, den_prev, h_prev, path) for the best path with k jumps ending at node j
-    states = {0: (x_batch, None, None, [0])}
+    # states[j] = (z, (sigma, D) of the step before, path) for the best path with k jumps ending at node j
+    states = {0: (x_batch, None, [0])}
     done = G
     best_cost = {}
     with torch.no_grad():
         for k in range(1, nfe + 1):
             new, costs = {}, {}
             targets = [G - 1] if k == nfe else range(k, G - (nfe - k))
-            for i, (z, dprev, hprev, path) in sorted(states.items()):
+            for i, (z, previous, path) in sorted(states.items()):
                 s = grid[i]
                 den = denoise_fn(z, s)
                 done += 1
@@ -510,25 +496,19 @@ def oss_sigmas(denoise_fn, x_batch, sigma_grid, nfe, solver="euler", flow=False,
                 for j in targets:
                     if j <= i:
                         continue
-                    t = grid[j]
-                    if float(t) == 0.0:
-                        zn, h = den, None
-                    elif solver == "euler":
-                        zn, h = z + (t - s) * (z - den) / s, None
-                    else:
-                        zn, h = _dpm_step(z, den, s, t, hprev, dprev, flow, frame)
+                    zn = student_step(frame, z, den, float(s), float(grid[j]), solver, previous)
                     c = mse(zn, X[j])
                     if c < costs.get(j, float("inf")):
                         costs[j] = c
-                        new[j] = (zn, den, h, path + [j])
+                        new[j] = (zn, (float(s), den), path + [j])
             states = new
             best_cost = costs
-    path = states[G - 1][3]
+    path = states[G - 1][2]
     final = best_cost[G - 1]
     # objective before: the grid-uniform path with the same solver
     base = grid[_uniform_path(G, nfe)].clone()
     with torch.no_grad():
-        before = mse(sample_ode(denoise_fn, x_batch, base, solver, flow, frame), X[-1])
+        before = mse(sample_ode(denoise_fn, x_batch, base, solver, flow), X[-1])
     _progress(progress, total, total)
     out = _finish(grid[path])
     return out, {"method": "oss", "solver": solver, "objective_before": before, "objective_after": final,
@@ -550,7 +530,7 @@ def ays_sigmas(denoise_fn, x_batch, sigma_grid, nfe, flow=False, seed=0, progres
         raise ValueError("sigma_grid for ays_sigmas must end at sigma_min > 0, not 0 (the KLUB weight diverges at 0)")
     G = grid.shape[0]
     total = 2 * G
-    X, _ = _teacher(denoise_fn, x_batch, torch.cat([grid, grid.new_zeros(1)]), progress, total, flow)
+    X, _ = teacher_states(denoise_fn, x_batch, torch.cat([grid, grid.new_zeros(1)]), progress, total, flow)
     x0 = X[-1].to(torch.float64)
     B = x0.shape[0]
     # VE frame: sigma~ = sigma / alpha, x~ = x0 + W(sigma~^2), flow state x = alpha * x~
@@ -642,7 +622,7 @@ def _ld3_initial_sigmas(init, nfe):
     return s
 
 
-def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solver="dpmpp_2m", frame="A",
+def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solver="dpmpp_2m",
                x_valid=None, valid_fraction=0.25, targets=None, valid_targets=None, teacher_steps=100,
                init=None, iters=150, lr=0.05, slack=True, slack_radius=None, slack_lr=0.5, valid_every=5,
                diverge_factor=20.0, seed=0, search="adam", progress=None):
@@ -697,13 +677,13 @@ def ld3_sigmas(denoise_fn, x_batch, nfe, sigma_max, sigma_min, flow=False, solve
         tgrid = karras_sigmas(teacher_steps, sigma_min, sigma_max)
         with torch.no_grad():
             if targets is None:
-                targets = sample_ode(denoise_fn, xt, tgrid, "dpmpp_2m", flow, frame)
+                targets = sample_ode(denoise_fn, xt, tgrid, "dpmpp_2m", flow)
             if valid_targets is None:
-                valid_targets = sample_ode(denoise_fn, xv, tgrid, "dpmpp_2m", flow, frame)
+                valid_targets = sample_ode(denoise_fn, xv, tgrid, "dpmpp_2m", flow)
     _progress(progress, 1, total)
 
     def run(x, sig):
-        return sample_ode(denoise_fn, x, sig, solver, flow, frame)
+        return sample_ode(denoise_fn, x, sig, solver, flow)
 
     def valid_err(sig):
         with torch.no_grad():

@@ -147,7 +147,7 @@ def run_multistep(run, predict, max_order, lower_order_final, corrector=None, fi
 
 
 # ----- predictors -------------------------------------------------------------------------------------------------
-def _dpmpp_predictor(midpoint):
+def dpmpp_predictor(midpoint):
     def predict(frame, x, sigma_t, history, order):
         stencil = history.sigmas[:order]
         ratio, weights = frame.finite_for(stencil).taylor_weights(stencil[0], sigma_t, stencil, midpoint)
@@ -236,7 +236,7 @@ def sample_dpmpp_multistep(model, x, sigmas, extra_args=None, callback=None, dis
     _check_dpmpp(order, solver_type, lower_order_final=lower_order_final, stats=stats, corrector=corrector,
                  final_step=final_step, first_step=first_step)
     run = Run(model, x, sigmas, extra_args, callback, disable, stats)
-    return run_multistep(run, _dpmpp_predictor(solver_type == "midpoint"), order, lower_order_final, corrector,
+    return run_multistep(run, dpmpp_predictor(solver_type == "midpoint"), order, lower_order_final, corrector,
                          final_step, first_step)
 
 

@@ -60,6 +60,11 @@ def test_ld3_node_improves_its_held_out_objective_and_stays_near_the_best_builti
     assert record["sigmas"] == sigmas.tolist()
     assert record["result"]["objective_after"] < record["result"]["objective_before"]
     assert record["result"]["iterations"] > 0 and not record["result"]["diverged"]
+    # "ld3" is the old name of the Nelder-Mead search: the same method, so the same cached schedule
+    renamed = oracle_sampling_graph(family, "dpmpp_2m", 5, seed=3, batch=8,
+                                    sigmas_node=_optimize_node("nelder-mead", 5))
+    assert torch.equal(inproc.output(inproc.run(renamed), "sigmas"), sigmas)
+    assert len(list(fresh_schedule_cache.glob("*.json"))) == 1
 
 
 @pytest.mark.parametrize("family", ["eps", "flow"])
@@ -209,9 +214,9 @@ def test_qs_dmn_scheduler_works_for_every_model_and_step_count(inproc):
 
 def test_optimize_steps_defaults_to_the_fast_method(inproc):
     """Optimize Steps For My Model defaults to oss (README: the fastest method that stays near the best stock
-    schedule); ld3, the slowest, is opt-in, and its tooltip states what each costs."""
+    schedule); nelder-mead (formerly ld3), the slowest, is opt-in, and its tooltip states what each costs."""
     import nodes
     schema = nodes.NODE_CLASS_MAPPINGS["QuickstepOptimizeSchedule"].define_schema()
     method = next(i for i in schema.inputs if i.id == "method")
-    assert method.default == "oss" and set(method.options) == {"ld3", "oss", "gits", "ays"}
-    assert "ld3: slowest" in method.tooltip and "model calls" in method.tooltip.lower()
+    assert method.default == "oss" and set(method.options) == {"nelder-mead", "ld3", "oss", "gits", "ays"}
+    assert "nelder-mead: slowest" in method.tooltip and "model calls" in method.tooltip.lower()

@@ -69,26 +69,54 @@ def check_schedule(sig, nfe, smax=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# private solvers: converge to the exact solution with the right order
+# the students are the pack's samplers: converge with the right order, and are exactly what a workflow runs
 
 @pytest.mark.parametrize("name", ["eps", "flow"])
-def test_private_solvers_converge(name):
+def test_student_solvers_converge(name):
     """Integrate sigma_max -> sigma_min (no final x = D jump, whose O(sigma_min) error would be a floor)."""
     f = fam(name)
     x = f.test[:8]
     ref = exact_ode_solution(GMM, x, f.smax, f.smin, flow=f.flow)
 
-    def err(n, solver, frame="A"):
+    def err(n, solver):
         sig = S.karras_sigmas(n, f.smin, f.smax)[:-1]          # ends at sigma_min for both families
-        return S._rms_err(S.sample_ode(f.D, x, sig, solver, f.flow, frame), ref)
+        return S._rms_err(S.sample_ode(f.D, x, sig, solver, f.flow), ref)
 
-    e = {s: [err(n, s) for n in (20, 40)] for s in ("euler", "dpmpp_2m")}
+    # Frame B's lambda spacing of a Karras grid is very uneven near flow sigma = 1, so the flow model reaches its
+    # asymptotic second order later (measured ratios 0.48, 0.41, 0.34 from 20 to 160 steps)
+    steps = (80, 160) if f.flow else (20, 40)
+    e = {s: [err(n, s) for n in steps] for s in ("euler", "dpmpp_2m")}
     assert e["euler"][1] < e["euler"][0] * 0.7                   # first order: ~0.5
     assert e["dpmpp_2m"][1] < e["dpmpp_2m"][0] * 0.4             # second order: ~0.25
     assert e["dpmpp_2m"][1] < e["euler"][1] * 0.2
-    if f.flow:   # the true-log-SNR frame is second order as well
-        eb = [err(n, "dpmpp_2m", "B") for n in (20, 40)]
-        assert eb[1] < eb[0] * 0.4
+
+
+class _HostLikeModel:
+    """The oracle as a k-diffusion model whose frame says its family (what frame_of reads off a host model)."""
+
+    def __init__(self, f):
+        from samplers.frame import Frame
+        self.f, self.frame = f, Frame(f.flow)
+
+    def __call__(self, x, sigma, **extra):
+        return self.f.D(x, sigma[0].double())
+
+
+@pytest.mark.parametrize("name", ["eps", "flow"])
+def test_students_are_the_qs_samplers_in_the_models_frame(name):
+    """The old private solver ran DPM-Solver++(2M) in Frame A on flow models (and nudged sigma = 1 by 1e-4) while
+    qs_dpmpp_2m runs in Frame B: the optimizers tuned another sampler than the one that samples.  Now the student
+    is the sampler itself, and its gradient in the sigmas is finite."""
+    from samplers import SAMPLERS
+    f = fam(name)
+    x = f.test[:4]
+    sig = f.baseline(5).double()
+    for solver in ("euler", "dpmpp_2m"):
+        want = SAMPLERS[solver](_HostLikeModel(f), x, sig, disable=True)
+        assert torch.equal(S.sample_ode(f.D, x, sig, solver, f.flow), want)
+    free = sig.clone().requires_grad_(True)
+    S.sample_ode(f.D, x, free, "dpmpp_2m", f.flow).pow(2).mean().backward()
+    assert torch.isfinite(free.grad).all() and free.grad[1:-1].abs().sum() > 0
 
 
 def test_dp_path_matches_brute_force():

@@ -38,8 +38,10 @@ CHEAP = {"EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
          "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
          "ImageScale": {"width": 64, "height": 64},
          "KSampler": {"steps": 3}, "BasicScheduler": {"steps": 3},
-         # LD3's search took 101 s here on 4 trajectories (test_schedule_nodes covers it); GITS takes 3 s
+         # the Nelder-Mead search ("ld3") took 101 s here on 4 trajectories (test_schedule_nodes covers it); GITS 3 s
          "QuickstepOptimizeSchedule": {"method": "gits", "steps": 3, "trajectories": 4, "teacher_steps": 10},
+         # the learned solver's full run is covered by test_solver_nodes; here a 3-call solver from 2 passes
+         "QuickstepOptimizeSolver": {"steps": 3, "trajectories": 4, "teacher_steps": 10, "max_fits": 2},
          "QuickstepBlockCache": {"back_blocks": 0}, "QuickstepRestoreImage": {"model_calls": 3}}
 
 
