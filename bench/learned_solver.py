@@ -90,11 +90,12 @@ def frechet_rows(case, solver_node, solver, best_host, samples, log):
     import comfy.samplers
     from bench.distilled import classifier, features, frechet
     from bench.solvers import run_sampler
-    from modelzoo import mnist_unet
+    from modelzoo import digit_models, mnist_unet
+    from samplers.frame import is_flow
     net = classifier()
     train_pixels, _, _, _ = mnist_unet.mnist_split()
     reference = features(net, torch.as_tensor(train_pixels) / 255.0)
-    flow = case.name.endswith("flow")
+    flow = is_flow(case.model.get_model_object("model_sampling"))
     configs = {"learned solver": None,
                "DPM-Solver++(2M), 20 steps": ("dpmpp_2m", schedule(case.model, "simple" if flow else "karras", 20)),
                f"host best ({best_host['sampler']} / {best_host['scheduler']})":
@@ -104,7 +105,7 @@ def frechet_rows(case, solver_node, solver, best_host, samples, log):
         outs = []
         for start in range(0, samples, 100):
             digits = [i % 10 for i in range(start, min(start + 100, samples))]
-            noise = comfy.sample.prepare_noise(torch.zeros(len(digits), 1, 32, 32), 1000 + start)
+            noise = comfy.sample.prepare_noise(torch.zeros(len(digits), *case.noise.shape[1:]), 1000 + start)
             positive = mnist_unet.digit_conditioning(digits)
             negative = mnist_unet.unconditional_conditioning(len(digits))
             if config is None:
@@ -113,7 +114,7 @@ def frechet_rows(case, solver_node, solver, best_host, samples, log):
                 out, _ = run_sampler(case.model, config[0], config[1], noise, positive, negative, case.cfg,
                                      case.latent)
             outs.append(out)
-        rows[name] = frechet(features(net, mnist_unet.latent_to_digits(torch.cat(outs))), reference)
+        rows[name] = frechet(features(net, digit_models.latent_to_digits(torch.cat(outs))), reference)
         log(f"  {case.name} FD {name}: {rows[name]:.2f} (N = {samples})")
     return rows
 
