@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.schedules import pack_module
+# imported before the host starts: ComfyUI then puts comfy/ first on sys.path, where comfy/samplers.py shadows ours
+from samplers.frame import is_flow
 from bench.solvers import RESULTS, CountedModel, benchmark, family_case, schedule, start_host
 
 TRAINING_SEED = 99
@@ -91,7 +93,6 @@ def frechet_rows(case, solver_node, solver, best_host, samples, log):
     from bench.distilled import classifier, features, frechet
     from bench.solvers import run_sampler
     from modelzoo import digit_models, mnist_unet
-    from samplers.frame import is_flow
     net = classifier()
     train_pixels, _, _, _ = mnist_unet.mnist_split()
     reference = features(net, torch.as_tensor(train_pixels) / 255.0)
