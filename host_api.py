@@ -11,6 +11,7 @@ REQUIRED = {
     "comfy.k_diffusion.sampling": (),
     "comfy.model_patcher": ("ModelPatcher", "create_model_options_clone"),
     "comfy.patcher_extension": ("WrappersMP",),
+    "comfy.sampler_helpers": ("convert_cond", "estimate_memory"),
     "comfy.model_management": ("get_torch_device", "intermediate_device", "load_models_gpu",
                                "throw_exception_if_processing_interrupted", "unet_dtype", "unet_manual_cast",
                                "unet_offload_device"),

@@ -23,6 +23,9 @@ def digits_prompt(seed, steps, batch, sampler, deep_cache=None):
     prompt["4"]["inputs"]["batch_size"] = batch
     prompt["5"]["inputs"].update(seed=seed, steps=steps, sampler_name=sampler)
     if deep_cache is not None:
+        # DeepCache is for UNets: the SD1.5 digit model (the shipped workflow draws with the Qwen-Image one)
+        for node in ("1", "4"):
+            prompt[node]["inputs"]["architecture"] = "sd15"
         prompt["cache"] = {"class_type": "QuickstepDeepCache", "inputs": {**deep_cache, "model": ["1", 0]}}
         prompt["5"]["inputs"]["model"] = ["cache", 0]
     return prompt

@@ -156,7 +156,13 @@ INPUTS_FOR = {"QuickstepBlockCache": {"back_blocks": 0}}   # the 2-block test MM
 # Nodes whose defaults cannot run from single cheap providers (their refusal names the node and what to connect):
 # their inputs are fuzzed by the first test only.
 NEEDS_A_CHAIN = {"QuickstepCacheCalibration": "a model that went through DeepCache / Block Cache",
-                 "QuickstepRestorationSampler": "a measurement LATENT (an optional link) for the default method"}
+                 "QuickstepRestorationSampler": "a measurement LATENT (an optional link) for the default method",
+                 "QuickstepDigitToImage": "a digit model's latent (the LATENT provider gives a 4x8x8 one)",
+                 "QuickstepLoadSchedule": "a schedule saved under the default name",
+                 "QuickstepLoadSolver": "a solver saved under the default name",
+                 "QuickstepSaveSolver": "the solver text of Optimize Solver For My Model",
+                 "QuickstepSolverFromText": "the solver text of Optimize Solver For My Model",
+                 "QuickstepRestoreImage": "a VAE for the provider's 4-channel model"}
 SILENT_LIMIT_S = 60     # a node's defaults that run longer than this must report progress (the host's bar)
 GARBAGE_TEXT = "\x00 ;;,, \u2603 ../../etc/passwd"
 
