@@ -55,9 +55,13 @@ def _oracle(inproc, family):
 
 def test_oracle_denoiser_is_exact_through_host_apply_model(inproc):
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    import comfy.model_management
     for family, sigmas in (("eps", [0.03, 0.4, 2.0, 14.0]), ("v", [0.03, 0.4, 2.0, 14.0]),
                            ("flow", [0.01, 0.3, 0.7, 0.99])):
         patcher = _oracle(inproc, family)
+        # load it as sampling does: a clone of the same model that an earlier graph patched (a distilled preset's
+        # model_sampling) may still be the one applied to the shared network
+        comfy.model_management.load_models_gpu([patcher])
         gmm = patcher.model.diffusion_model.gmm
         for s in sigmas:
             sigma = torch.full((3,), s)
