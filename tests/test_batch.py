@@ -187,7 +187,8 @@ def test_ui_format_workflow_with_progress_bars(servers, tmp_path, capsys):
 
 
 def test_job_bar_clock_starts_when_the_server_starts_the_job(server_pair, tmp_path, monkeypatch):
-    """Three 20-digit jobs queued at once on one server: the later ones wait for the earlier. Each job's bar must
+    """Three 20-digit jobs queued at once on one server (40 steps: long enough for the later ones to wait for the
+    earlier even on the fast Qwen-Image digit model the workflow uses). Each job's bar must
     count from the job's start on the server (its run time), not from its submission (queue time included)."""
     from batch import runner
     elapsed = {}
@@ -199,7 +200,7 @@ def test_job_bar_clock_starts_when_the_server_starts_the_job(server_pair, tmp_pa
         job_done(progress, job_bar)
 
     monkeypatch.setattr(runner._Progress, "job_done", record_elapsed)
-    result = run_batch(API, [f"http://{server_pair[0].address}"], tmp_path / "out", grid=["seed=31..33", "steps=8"],
+    result = run_batch(API, [f"http://{server_pair[0].address}"], tmp_path / "out", grid=["seed=31..33", "steps=40"],
                        queue_depth=3, progress=True)
     assert result.exit_code == 0, result.messages
     records = {r["job_id"]: r for r in result.records}
