@@ -10,7 +10,7 @@ PACKAGES = {"aiohttp": "aiohttp", "tqdm": "tqdm", "numpy": "numpy", "Pillow": "P
 
 
 class MissingDependencies(ImportError):
-    pass
+    """Packages the batch runner needs are not installed; the message names them and the pip command."""
 
 
 def missing_packages():

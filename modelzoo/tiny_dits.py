@@ -5,7 +5,7 @@ Imports comfy: use inside a running host only.
 """
 import torch
 
-from .tiny_host import seeded_init_
+from .tiny_host import seeded_patcher
 
 CONTEXT_DIM = 64
 
@@ -58,20 +58,12 @@ def build_tiny_dit(family, seed=0, **overrides):
     """A ModelPatcher around a small seeded model of the host class of `family` (one of FAMILIES), float32,
     built through the host's supported-model config (so its model sampling, latent format and conds are the
     family's own); `overrides` replace entries of the unet config (e.g. num_layers=3)."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
 
     if family not in FAMILIES:
         raise ValueError(f"tiny DiT family must be one of {', '.join(FAMILIES)}, got {family!r}")
     config_name, unet_config, _ = FAMILIES[family]
-    config = getattr(comfy.supported_models, config_name)(dict(unet_config, **overrides))
-    config.set_inference_dtype(torch.float32, None)
-    offload_device = comfy.model_management.unet_offload_device()
-    model = config.get_model({}, device=offload_device)
-    seeded_init_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=offload_device)
+    return seeded_patcher(getattr(comfy.supported_models, config_name)(dict(unet_config, **overrides)), seed)
 
 
 def tiny_dit_conditioning(family, seed=0, tokens=8, batch=1):

@@ -97,13 +97,18 @@ def unet_config(arch, **overrides):
 def build_tiny(arch="sd15", seed=0, **overrides):
     """A ModelPatcher around a small, seeded model of the host's `arch` class (one of ARCHITECTURES); `overrides`
     replace entries of its config (e.g. depth=1 for fewer blocks)."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
 
     config = unet_config(arch, **overrides)   # checks arch
     config = {"sd15": comfy.supported_models.SD15, "mmdit": comfy.supported_models.SD3,
               "flux": comfy.supported_models.Flux}[arch](config)
+    return seeded_patcher(config, seed)
+
+
+def seeded_patcher(config, seed):
+    """A float32 host model of a supported-models `config` with seeded weights, in a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
     config.set_inference_dtype(torch.float32, None)
     offload_device = comfy.model_management.unet_offload_device()
     model = config.get_model({}, device=offload_device)

@@ -41,6 +41,7 @@ How they hook into the host (public extension points only; the input model is ne
 State is per run, per batch group (the uuids of the conds evaluated together: CFG positive/negative keep separate
 histories) and reset when the input shape, dtype or device change (batch size, resolution).
 """
+import functools
 import inspect
 import json
 import logging
@@ -66,10 +67,23 @@ def _run_state(transformer_options):
     return state if isinstance(state, qc.RunState) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(function, bound):
+    signature = inspect.signature(function)
+    return signature.replace(parameters=list(signature.parameters.values())[1:]) if bound else signature
+
+
+def signature_of(callable_):
+    """inspect.signature of a wrapped host function, computed once per function: the wrappers read it on every model
+    call, and a bound method (a new object each call) is keyed by its function, so no model is kept alive."""
+    function = getattr(callable_, "__func__", None)
+    return _signature(function, True) if function is not None else _signature(callable_, False)
+
+
 def wrapper_argument(executor, args, kwargs, name, default=None):
     """Argument `name` of the call a wrapper intercepts, read by name from the wrapped function's signature (the
     host's positions differ between models and versions); `default` when the call does not pass it."""
-    signature = inspect.signature(executor.original)
+    signature = signature_of(executor.original)
     bound = signature.bind_partial(*args, **kwargs).arguments
     if name in bound:
         return bound[name]
@@ -291,7 +305,7 @@ def _realign_control(control, m, L):
 
 def _with_argument(executor, args, kwargs, name, value):
     """(args, kwargs) of the intercepted call with argument `name` replaced, wherever the caller put it."""
-    bound = inspect.signature(executor.original).bind(*args, **kwargs)
+    bound = signature_of(executor.original).bind(*args, **kwargs)
     bound.arguments[name] = value
     return bound.args, bound.kwargs
 
