@@ -1,7 +1,7 @@
 // Drives the real ComfyUI web UI in headless Debian chromium (npm playwright-core, never a downloaded browser):
 // lists the pack's workflows as the Templates browser does (GET /api/workflow_templates), fetches each from the
 // route that serves them and loads it through the app's own load path (app.loadGraphData), reports node types the frontend
-// does not know, links that do not join the slots they name, and the API graph the frontend itself makes of each
+// does not know, the nodes it flags with errors, links that do not join the slots they name, and the API graph the frontend itself makes of each
 // (app.graphToPrompt); reads the node library's entries for the Quickstep nodes; queues one workflow from the UI,
 // waits for it in /history and saves a screenshot. tests/test_frontend.py asserts on what this writes.
 // env: COMFY_URL, PACK (the pack's custom_nodes folder name), QUEUE (name of the workflow to queue), RESULT (JSON out),
@@ -19,7 +19,10 @@ function inspectGraph(expectedNodes, expectedLinks) {
   const graph = window.app.graph;
   const registered = window.LiteGraph.registered_node_types;
   const nodes = graph._nodes;
-  const missing = nodes.filter(n => !(n.type in registered) || n.has_errors).map(n => n.type);
+  const missing = nodes.filter(n => !(n.type in registered)).map(n => n.type);
+  // newer frontends also flag a known node whose input names a file the server does not have (a model to download)
+  const flagged = nodes.filter(n => n.type in registered && n.has_errors)
+    .map(n => ({ type: n.type, values: (n.widgets || []).map(w => w.value) }));
   const broken = [];
   const links = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links || {});
   for (const link of links) {
@@ -50,7 +53,7 @@ function inspectGraph(expectedNodes, expectedLinks) {
     const [r, b] = [rect(n), g._bounding || g.bounding];
     return r[0] >= b[0] && r[1] >= b[1] && r[0] + r[2] <= b[0] + b[2] && r[1] + r[3] <= b[1] + b[3];
   })).map(n => n.title);
-  return { nodeCount: nodes.length, linkCount: links.length, expectedNodes, expectedLinks, missing, broken,
+  return { nodeCount: nodes.length, linkCount: links.length, expectedNodes, expectedLinks, missing, flagged, broken,
            overlaps, outside, groups: groups.map(g => g.title) };
 }
 
