@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import mnist_unet
+from .tiny_host import with_newer_host_fields
 
 NETWORK_PREFIX = "model.diffusion_model."   # what the host's diffusion-model loader strips (UNETLoader)
 POOLED_DIM = mnist_unet.CONTEXT_DIM
@@ -67,16 +68,13 @@ class Architecture:
 
 def _flux_network():
     """Flux: 2 double-stream + 2 single-stream blocks, hidden 128 (4 heads of 32), the guidance input kept.
-    Fields the running host's FluxParams requires beyond 0.3.75's (0.33's txt_ids_dims) get Flux.1's values."""
+    Fields a newer host's FluxParams requires are added (tiny_host.with_newer_host_fields)."""
     network = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": POOLED_DIM,
                "context_in_dim": mnist_unet.CONTEXT_DIM, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 4,
                "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
                "qkv_bias": True, "guidance_embed": True}
     import comfy.ldm.flux.model
-    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-    if "txt_ids_dims" in fields:
-        network["txt_ids_dims"] = []
-    return network
+    return with_newer_host_fields(comfy.ldm.flux.model.FluxParams, network)
 
 
 _CONTEXT = mnist_unet.CONTEXT_DIM
@@ -170,6 +168,8 @@ def load_digit_model(name, prediction=None, path=None):
     if stored != (name, prediction):
         raise ValueError(f"{path} holds the {stored[0]} digit model ({stored[1]}), not the {name} one ({prediction})")
     config = host_config(name, prediction)
+    # the host's own loader step: a newer host renames some checkpoint keys (0.33: Flux's *_norm.scale -> .weight)
+    network = config.process_unet_state_dict(dict(network))
     try:
         return mnist_unet.patcher_for(network, config.supported_inference_dtypes,
                                       lambda **kwargs: build_base_model(name, prediction=prediction, **kwargs))

@@ -148,7 +148,11 @@ def patcher_for(unet, supported_dtypes, build):
                                               weight_dtype=torch.float32)
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported_dtypes)
     model = build(device=offload_device, dtype=dtype, manual_cast_dtype=manual_cast_dtype)
-    model.diffusion_model.load_state_dict(unet, strict=True)
+    # Tensors the network lacks are ignored, as the host's own loader ignores them (a newer host drops unused layers:
+    # 0.33's Lumina 2 has no top-level norm_final); a tensor it needs and does not get is an error.
+    missing = model.diffusion_model.load_state_dict(unet, strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f"missing tensors {missing[:8]}")
     # Inference only: no autograd graphs when samplers are driven outside the host's inference mode.
     model.diffusion_model.requires_grad_(False)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -5,7 +5,7 @@ Imports comfy: use inside a running host only.
 """
 import torch
 
-from .tiny_host import seeded_patcher
+from .tiny_host import seeded_patcher, with_newer_host_fields
 
 CONTEXT_DIM = 64
 
@@ -63,7 +63,14 @@ def build_tiny_dit(family, seed=0, **overrides):
     if family not in FAMILIES:
         raise ValueError(f"tiny DiT family must be one of {', '.join(FAMILIES)}, got {family!r}")
     config_name, unet_config, _ = FAMILIES[family]
-    return seeded_patcher(getattr(comfy.supported_models, config_name)(dict(unet_config, **overrides)), seed)
+    unet_config = dict(unet_config, **overrides)
+    if family in ("hunyuan_video", "chroma"):
+        import comfy.ldm.chroma.model
+        import comfy.ldm.hunyuan_video.model
+        params = {"hunyuan_video": comfy.ldm.hunyuan_video.model.HunyuanVideoParams,
+                  "chroma": comfy.ldm.chroma.model.ChromaParams}[family]
+        unet_config = with_newer_host_fields(params, unet_config)
+    return seeded_patcher(getattr(comfy.supported_models, config_name)(unet_config), seed)
 
 
 def tiny_dit_conditioning(family, seed=0, tokens=8, batch=1):

@@ -13,6 +13,19 @@ ARCHITECTURES = ("sd15", "mmdit", "flux")
 CONTEXT_DIM = {"sd15": 64, "mmdit": 64, "flux": 64}
 POOLED_DIM = {"sd15": None, "mmdit": 64, "flux": 64}
 
+# Fields that ComfyUI 0.33's model-parameter dataclasses require and 0.3.75's do not know, with the values the host's
+# own model detection gives the original checkpoints (Flux.1 and Chroma: no text position ids beyond the image's, Chroma:
+# no pooled-vector input, HunyuanVideo 1.0: no meanflow sum).
+NEWER_HOST_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "meanflow_sum": False}
+
+
+def with_newer_host_fields(params_class, config):
+    """`config` plus each NEWER_HOST_FIELDS entry that the running host's `params_class` declares and `config` lacks:
+    a newer host requires them, an older host's class rejects them."""
+    declared = {f.name for f in dataclasses.fields(params_class)}
+    return dict(config, **{k: v for k, v in NEWER_HOST_FIELDS.items() if k in declared and k not in config})
+
+
 _SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
@@ -81,15 +94,13 @@ def smooth_time_embedding_(dm, cycles=0.5):
 
 def unet_config(arch, **overrides):
     """The config dict of the tiny `arch` model (one of ARCHITECTURES) for this host's model classes, `overrides`
-    replacing entries. A newer host's FluxParams (0.33+) has a required `txt_ids_dims`, which Flux.1 detection sets
-    to [] and which an older host's FluxParams rejects: it is added where the host's dataclass has the field."""
+    replacing entries, with the fields a newer host's FluxParams requires (with_newer_host_fields)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"tiny model architecture must be one of {ARCHITECTURES}, got {arch!r}")
     config = dict({"sd15": _SD15_UNET, "mmdit": _MMDIT, "flux": _FLUX}[arch])
     if arch == "flux":
         import comfy.ldm.flux.model
-        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-            config["txt_ids_dims"] = []
+        config = with_newer_host_fields(comfy.ldm.flux.model.FluxParams, config)
     config.update(overrides)
     return config
 
