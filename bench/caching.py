@@ -29,8 +29,14 @@ Block Cache's residual-probe threshold is swept with the node's default forecast
 SD1.5 UNet (860M parameters), seeded random weights, its time embedding smoothed the same way, a 24x24 latent,
 batch 1, CFG 3, 77-token contexts; a short sweep (SHORT_SWEEP).
 
+--preset NAME [NAME ...]: sample on a distilled preset's own SIGMAS and CFG (samplers/distilled.py FAMILIES with a
+flow shift: wan_lightning, qwen_image_lightning, z_image_turbo, flux_schnell, sd35_turbo) instead of the model's
+scheduler at CFG 2.5/3: one name for every model, or one per model in order; --steps then defaults to the preset's
+first published count. Each Quickstep cache then also runs with its few-step back-off off (few_step_limit 0), to show
+what the back-off keeps.
+
 usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12 flux12-smooth
-                                                   mmdit12-smooth sd15-full-smooth] [--quick]
+                                                   mmdit12-smooth sd15-full-smooth] [--quick] [--preset NAME ...]
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
@@ -58,6 +64,18 @@ class Setup:
         self.name, self.patcher, self.arch = name, patcher, arch
         self.positive, self.negative, self.latent = positive, negative, latent
         self.scheduler, self.cfg = scheduler, cfg
+        self.sigmas = None           # a distilled preset's own SIGMAS, used instead of the scheduler's
+
+    def use_preset(self, preset, steps):
+        """Sample on distilled preset `preset`'s published SIGMAS for `steps` and at its CFG."""
+        from samplers import distilled
+        family = distilled.FAMILIES.get(preset)
+        if family is None or family.shift is None:
+            raise SystemExit(f"unknown flow preset {preset!r}; known: "
+                             f"{', '.join(n for n, f in distilled.FAMILIES.items() if f.shift is not None)}")
+        if steps not in family.steps:
+            raise SystemExit(f"preset {preset!r} publishes {', '.join(map(str, family.steps))} steps, not {steps}")
+        self.sigmas, self.cfg = distilled.flow_preset_sigmas(family, steps), family.cfg
 
 
 def build_digits(name, batch):
@@ -184,6 +202,8 @@ def apply(patcher, spec):
 
 def sigmas_of(setup, steps):
     import comfy.samplers
+    if setup.sigmas is not None:
+        return setup.sigmas
     return comfy.samplers.calculate_sigmas(setup.patcher.get_model_object("model_sampling"), setup.scheduler,
                                            steps).cpu()
 
@@ -282,6 +302,9 @@ def configs(setup, steps, quick):
         return out
     model = defaults("QuickstepModelCache")
     out.append(("ModelCache", "ModelCache (default)", ("QuickstepModelCache", model)))
+    if setup.sigmas is not None:
+        out.append(("ModelCache", "ModelCache (default), back-off off",
+                    ("QuickstepModelCache", dict(model, few_step_limit=0))))
     if not quick:
         for t in (0.05, 0.1, 0.4):
             out.append(("ModelCache", f"ModelCache t={t}", ("QuickstepModelCache", dict(model, threshold=t))))
@@ -291,6 +314,9 @@ def configs(setup, steps, quick):
     block = dict(defaults("QuickstepBlockCache"), back_blocks=back)
     out.append(("BlockCache", "BlockCache (default)" + (", back_blocks 0" if not back else ""),
                 ("QuickstepBlockCache", block)))
+    if setup.sigmas is not None:
+        out.append(("BlockCache", "BlockCache (default), back-off off",
+                    ("QuickstepBlockCache", dict(block, few_step_limit=0))))
     if quick:
         return out
     for forecaster in (block["forecaster"], "reuse"):
@@ -318,8 +344,10 @@ def layout_of(setup):
     return caching_nodes()._dit_layout(setup.patcher.model.diffusion_model)
 
 
-def benchmark(model_name, steps, quick, log):
+def benchmark(model_name, steps, quick, log, preset=None):
     setup = build_setup(model_name)
+    if preset:
+        setup.use_preset(preset, steps)
     rows, ref = [], None
     for family, label, spec in configs(setup, steps, quick):
         patched = apply(setup.patcher, spec)
@@ -408,18 +436,38 @@ def markdown(name, rows):
     return "\n".join(lines)
 
 
+def plan_runs(parser, args):
+    """{result key: (model, preset or None, steps)}: a preset pairs with every model or with each in order; its steps
+    default to its first published count."""
+    if not args.preset:
+        return {name: (name, None, args.steps or 24) for name in args.models}
+    if len(args.preset) not in (1, len(args.models)):
+        parser.error(f"--preset takes one name or one per model ({len(args.models)}), got {len(args.preset)}")
+    from samplers import distilled
+    presets = args.preset * len(args.models) if len(args.preset) == 1 else args.preset
+    runs = {}
+    for name, preset in zip(args.models, presets):
+        family = distilled.FAMILIES.get(preset)
+        steps = args.steps or (family.steps[0] if family else 0)
+        runs[f"{name} {preset}"] = (name, preset, steps)
+    return runs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=None, help="24, or with --preset its first published count")
     parser.add_argument("--models", nargs="+", default=["digits", "digits-flow", "sd15", "mmdit4", "flux12",
                                                           "flux12-smooth", "mmdit12-smooth"])
     parser.add_argument("--quick", action="store_true", help="defaults only, no sweep")
+    parser.add_argument("--preset", nargs="+", default=None,
+                        help="distilled flow preset(s): one for all models or one per model")
     parser.add_argument("--out", default=str(RESULTS / "caching.json"))
     parser.add_argument("--base", default=str(HOST_DIR / "benchbase"),
                         help="host base directory (its custom_nodes links this checkout: one per checkout)")
     parser.add_argument("--sd15-partial-cost", action="store_true",
                         help="also measure a partial call's FLOPs on the full-size SD1.5 architecture (slow)")
     args = parser.parse_args(argv)
+    runs = plan_runs(parser, args)
 
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)
@@ -429,13 +477,14 @@ def main(argv=None):
     results, t0 = {}, time.time()
     if args.sd15_partial_cost:
         results["sd15_full_partial_cost"] = sd15_partial_cost()
-    for name in args.models:
-        results[name] = benchmark(name, args.steps, args.quick, print)
+    for key, (name, preset, steps) in runs.items():
+        results[key] = benchmark(name, steps, args.quick, print, preset)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"steps": args.steps, "results": results, "wall_s": time.time() - t0}, f, indent=1, default=str)
-    for name in args.models:
-        print(markdown(f"{name}, {args.steps} steps", results[name]), "\n")
+            json.dump({"steps": args.steps, "presets": args.preset, "results": results, "wall_s": time.time() - t0},
+                      f, indent=1, default=str)
+    for key, (_, _, steps) in runs.items():
+        print(markdown(f"{key}, {steps} steps", results[key]), "\n")
     print(f"wrote {args.out} in {time.time() - t0:.0f} s", file=sys.stderr)
 
 

@@ -65,6 +65,8 @@ def patched_sampling(model_sampling, mixin):
 
 
 def family_sigmas(family, model_sampling, steps):
+    if family.shift is not None:
+        return qd.flow_preset_sigmas(family, steps)
     if family.timesteps is not None:
         timesteps = torch.tensor(family.timesteps(steps), dtype=torch.float32)
         sigmas = model_sampling.sigma(timesteps).float().cpu()
@@ -155,19 +157,26 @@ class QuickstepDistilledSetup(io.ComfyNode):
         return io.Schema(
             node_id="QuickstepDistilledSetup", display_name="Distilled Model Setup", category=SUBCATEGORY,
             description="Everything a distilled checkpoint or LoRA needs to be sampled as published: the model "
-                        "with the family's model-sampling patch, the family's sampler and its published "
-                        f"timesteps as SIGMAS. Use cfg 1 (LCM: up to 2). Families: {lines}.",
+                        "with the family's model-sampling patch, the family's sampler, its published "
+                        "timesteps as SIGMAS (flow presets: at the shift the authors used, whatever shift the "
+                        "model was loaded with) and the CFG it was distilled for: connect cfg to the sampler's cfg "
+                        "(at 1 the host skips the negative prompt's pass, one model pass per step). "
+                        f"Families: {lines}.",
             inputs=[io.Model.Input("model", tooltip="The distilled model (stock loader, or a base model with the "
                                                     "family's LoRA applied)."),
                     io.Combo.Input("family", options=list(qd.FAMILIES), default="lcm",
-                                   tooltip="Which distillation the checkpoint or LoRA comes from."),
+                                   tooltip="Which distillation the checkpoint or LoRA comes from (wan_lightning, "
+                                           "qwen_image_lightning, z_image_turbo, flux_schnell, sd35_turbo: those "
+                                           "checkpoints' own published times and shift)."),
                     io.Int.Input("steps", default=4, min=1, max=8,
                                  tooltip="Model calls; each family supports its published counts only."),
                     io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.05,
                                    tooltip="TCD family only: stochasticity (0 deterministic, 1 full re-noising). "
                                            "The other families use their published sampler.")],
             outputs=[io.Model.Output(display_name="model"), io.Sampler.Output(display_name="sampler"),
-                     io.Sigmas.Output(display_name="sigmas")])
+                     io.Sigmas.Output(display_name="sigmas"),
+                     io.Float.Output(display_name="cfg", tooltip="The CFG scale the family was distilled for; "
+                                                                 "1 skips the unconditional pass.")])
 
     @classmethod
     def execute(cls, model, family, steps, gamma):
@@ -186,7 +195,7 @@ class QuickstepDistilledSetup(io.ComfyNode):
             model.add_object_patch("model_sampling", model_sampling)
         sampler = sampler_object(label, qs.SAMPLERS["tcd"], gamma=gamma if family == "tcd" else spec.gamma,
                                  pure_noise_start=steps in spec.pure_noise_steps)
-        return io.NodeOutput(model, sampler, family_sigmas(spec, model_sampling, steps))
+        return io.NodeOutput(model, sampler, family_sigmas(spec, model_sampling, steps), spec.cfg)
 
 
 NODES = [QuickstepDistilledSetup, QuickstepTCDSampler, QuickstepConsistencySigmas]

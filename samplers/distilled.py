@@ -97,13 +97,43 @@ def turbo_timesteps(steps):
     return [999 - 100 * k for k in range(steps)]
 
 
+# Flow-distilled checkpoints publish flow times t in (0, 1] (timestep / 1000) and the time shift they were distilled
+# at; the noise level is sigma = shift t / (1 + (shift - 1) t) (the host's time_snr_shift), then a final 0. A flow
+# model's time map is sigma x multiplier whatever shift it was loaded with, so these sigmas are right for its own
+# model_sampling: the shift the authors used is applied here, not the one the loader set.
+def even_flow_times(steps):
+    """1, 1 - 1/N, ..., 1/N: every reference below spaces its N model calls this way (Euler, last step to 0)."""
+    return [1.0 - k / steps for k in range(steps)]
+
+
+def sd3_normal_flow_times(steps, shift=3.0, train_steps=1000):
+    """Stability's SD3.5 reference (sd3_infer.py get_sigmas): N times evenly from timestep(sigma_max) = 1 down to
+    timestep(sigma_min), where sigma_min is its shifted first training level shift(1/1000), and shifted again."""
+    low = shifted_flow_sigma(shift, 1.0 / train_steps)
+    return [1.0 + (low - 1.0) * k / (steps - 1) for k in range(steps)] if steps > 1 else [1.0]
+
+
+def shifted_flow_sigma(shift, t):
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flow_preset_sigmas(family, steps):
+    """SIGMAS of a flow preset: its published times at its distillation shift, then 0 (float32, on the CPU)."""
+    sigmas = [shifted_flow_sigma(family.shift, t) for t in family.timesteps(steps)]
+    return torch.tensor(sigmas + [0.0], dtype=torch.float32)
+
+
 class Family:
     """How one distilled family is sampled: published timesteps per step count, TCD gamma (0 = DDIM/Euler,
-    1 = consistency re-noising), the prediction it needs and the model-sampling patch it wants."""
+    1 = consistency re-noising), the prediction it needs, the model-sampling patch it wants and the CFG scale it was
+    distilled for (1: the host skips the unconditional pass). Flow presets (`shift` set) publish flow times in
+    (0, 1] at that time shift instead of discrete timesteps."""
 
-    def __init__(self, title, steps, timesteps, gamma, prediction, patch=None, pure_noise_steps=(), note=""):
+    def __init__(self, title, steps, timesteps, gamma, prediction, patch=None, pure_noise_steps=(), note="",
+                 cfg=1.0, shift=None):
         self.title, self.steps, self.timesteps, self.gamma = title, steps, timesteps, gamma
         self.prediction, self.patch, self.pure_noise_steps, self.note = prediction, patch, pure_noise_steps, note
+        self.cfg, self.shift = cfg, shift
 
 
 def _one_step_at(timestep, multi):
@@ -126,6 +156,33 @@ FAMILIES = {
                    note="4 steps at 999/749/499/249 with consistency re-noising; 1 step at t=399."),
     "consistency": Family("Consistency model", (1, 2), None, 1.0, "discrete",
                           note="2 steps: indices 0 and 22 of a 40-level Karras grid, as the official sampler."),
-    "flow_distilled": Family("Flow-distilled (FLUX.1-schnell, SD3.5 Turbo)", (1, 2, 4, 8), None, 0.0, "flow",
+    "flow_distilled": Family("Flow-distilled (any, on its own schedule)", (1, 2, 4, 8), None, 0.0, "flow",
                              note="the model's own flow schedule, Euler; cfg 1."),
+    # The checkpoints people run now, each as its authors sample it: Euler (TCD at gamma 0) on their published times
+    # and shift, CFG-distilled (cfg 1: one model pass per step).
+    # Wan: ModelTC/LightX2V configs/distill/wan21/wan_t2v_distill_model_4step_cfg.json and
+    # configs/wan22/wan_moe_t2v_distill.json: denoising_step_list [1000, 750, 500, 250], sample_shift 5,
+    # enable_cfg false; Wan 2.2 A14B switches from the high-noise to the low-noise expert at boundary_step_index 2;
+    # the sigmas are lightx2v's models/schedulers/wan/step_distill/scheduler.py (shifted t = step / 1000).
+    "wan_lightning": Family("Wan 2.1 / 2.2 Lightning (lightx2v)", (4,), even_flow_times, 0.0, "flow", shift=5.0,
+                            note="1000/750/500/250 at shift 5, cfg 1; Wan 2.2 A14B: steps 1-2 on the high-noise "
+                                 "expert, 3-4 on the low-noise one (Split Sigmas at 2)."),
+    # ModelTC/Qwen-Image-Lightning generate_with_diffusers.py: FlowMatchEulerDiscreteScheduler with exponential time
+    # shift at mu = log 3 for every size ("We use shift=3 in distillation"), 8 steps (or the 4-step LoRA), true_cfg
+    # 1; diffusers' pipeline_qwenimage.py spaces the times as linspace(1, 1/N, N).
+    "qwen_image_lightning": Family("Qwen-Image-Lightning", (4, 8), even_flow_times, 0.0, "flow", shift=3.0,
+                                   note="shift 3 at every size, cfg 1."),
+    # Tongyi-MAI/Z-Image README: Z-Image-Turbo, num_inference_steps=9 ("8 DiT forwards"), guidance_scale=0.0; its
+    # scheduler config shift 3.0 without dynamic shifting; diffusers' ZImagePipeline sets sigma_min 0, so the 9
+    # times are linspace(1, 0, 9) and the last (t = 0) makes no call.
+    "z_image_turbo": Family("Z-Image-Turbo", (8,), even_flow_times, 0.0, "flow", shift=3.0,
+                            note="8 model calls at shift 3, cfg 1 (guidance 0 in diffusers)."),
+    # black-forest-labs/flux src/flux/cli.py: schnell defaults to 4 steps and calls get_schedule(..., shift=False)
+    # (src/flux/sampling.py: linspace(1, 0, N + 1), unshifted); schnell has no guidance input.
+    "flux_schnell": Family("FLUX.1-schnell", (4,), even_flow_times, 0.0, "flow", shift=1.0,
+                           note="1, 0.75, 0.5, 0.25 unshifted, cfg 1."),
+    # Stability-AI/sd3.5 sd3_infer.py: sd3.5_large_turbo {shift 3.0, cfg 1.0, steps 4, sampler euler}, times from
+    # its get_sigmas (sd3_normal_flow_times).
+    "sd35_turbo": Family("SD3.5 Large Turbo", (4,), sd3_normal_flow_times, 0.0, "flow", shift=3.0,
+                         note="shift 3, Stability's own spacing (last call at sigma 0.009), cfg 1."),
 }

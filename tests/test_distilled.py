@@ -89,6 +89,24 @@ def test_tcd_intermediate_level_is_taken_in_timestep_units(inproc):
     assert qd.intermediate_sigma(None, 2.0, 0.25) == 1.5
 
 
+def test_flow_presets_give_the_sigmas_their_authors_sample_at():
+    """Each checkpoint's own reference schedule (sources in samplers/distilled.py), worked out by hand."""
+    expected = {
+        ("wan_lightning", 4): [1.0, 0.9375, 2.5 / 3, 0.625, 0.0],       # 1000/750/500/250 at shift 5
+        ("qwen_image_lightning", 4): [1.0, 0.9, 0.75, 0.5, 0.0],        # linspace(1, 1/4, 4) at shift 3
+        ("qwen_image_lightning", 8): [3 * t / (1 + 2 * t) for t in (1, .875, .75, .625, .5, .375, .25, .125)] + [0],
+        ("z_image_turbo", 8): [3 * t / (1 + 2 * t) for t in (1, .875, .75, .625, .5, .375, .25, .125)] + [0],
+        ("flux_schnell", 4): [1.0, 0.75, 0.5, 0.25, 0.0],               # linspace(1, 0, 5), no shift
+        # linspace(1000, 1000 * shift3(0.001), 4) / 1000, shifted by 3 again: the last call sits at 0.0089
+        ("sd35_turbo", 4): [1.0, 0.857686, 0.602152, 0.008929, 0.0],
+    }
+    for (name, steps), sigmas in expected.items():
+        family = qd.FAMILIES[name]
+        assert family.cfg == 1.0 and family.prediction == "flow" and steps in family.steps
+        assert torch.allclose(qd.flow_preset_sigmas(family, steps), torch.tensor(sigmas), atol=2e-6), name
+    assert [round(1000 * t) for t in qd.FAMILIES["wan_lightning"].timesteps(4)] == [1000, 750, 500, 250]
+
+
 def test_published_timesteps():
     assert qd.lcm_timesteps(4) == [999, 759, 499, 259]
     assert qd.lcm_timesteps(1) == [999]
@@ -152,6 +170,11 @@ def test_family_models_get_their_patch_and_the_input_model_is_untouched(inproc):
 @pytest.mark.parametrize("oracle_family,family,steps,message", [
     ("flow", "lcm", 4, "is for discrete-time SD-family models"),
     ("eps", "flow_distilled", 4, "is for flow (CONST) models"),
+    ("eps", "wan_lightning", 4, "is for flow (CONST) models"),
+    ("flow", "qwen_image_lightning", 2, "steps = 2 is not published for family 'qwen_image_lightning'; use one "
+                                        "of 4, 8"),
+    ("flow", "z_image_turbo", 4, "steps = 4 is not published for family 'z_image_turbo'; use one of 8"),
+    ("flow", "qwen_lightning", 4, "family = 'qwen_lightning' is not one of"),
     ("v", "lcm", 4, "needs an eps-prediction model"),
     ("eps", "dmd2", 2, "steps = 2 is not published for family 'dmd2'"),
     ("eps", "tcd", 4, "gamma = 1.5 is outside"),
@@ -203,3 +226,93 @@ def test_patched_model_sampling_shares_no_state_with_the_input_model(inproc):
     assert after.keys() == before.keys()
     for name, (tensor, values) in before.items():
         assert after[name] is tensor and torch.equal(after[name], values), name
+
+
+# ------------------------------------------------------------------ flow presets on trained digit models of each family
+
+PRESET_MODELS = [("wan_lightning", "wan21", 4), ("qwen_image_lightning", "qwen_image", 4),
+                 ("qwen_image_lightning", "qwen_image", 8), ("z_image_turbo", "lumina2", 8),
+                 ("flux_schnell", "flux", 4), ("sd35_turbo", "sd3", 4)]
+BATCH = 2
+
+
+def _node_defaults(node_id):
+    import nodes
+    inputs = nodes.NODE_CLASS_MAPPINGS[node_id].define_schema().inputs
+    return {i.id: i.default for i in inputs if getattr(i, "default", None) is not None}
+
+
+def _preset_graph(family, architecture, steps, caches=(), cfg=None):
+    """Digit Model -> Distilled Model Setup -> (a cache at its defaults ->) call counter -> SamplerCustom, whose cfg is
+    the setup's cfg output unless `cfg` is given: node "out" uncached, "out_<cache>" through each cache in `caches`,
+    all from the same noise."""
+    graph = {
+        "model": {"class_type": "QuickstepDigitModel", "inputs": {"prediction": "auto", "architecture": architecture}},
+        "setup": {"class_type": "QuickstepDistilledSetup",
+                  "inputs": {"model": ["model", 0], "family": family, "steps": steps, "gamma": 0.3}},
+        "positive": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": "37"}},
+        "negative": {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": ""}},
+        "latent": {"class_type": "QuickstepEmptyDigitLatent",
+                   "inputs": {"batch_size": BATCH, "architecture": architecture}},
+    }
+    for name, node_id in (("", None), *caches):
+        model = ["setup", 0]
+        if node_id:
+            graph[f"cache{name}"] = {"class_type": node_id, "inputs": {**_node_defaults(node_id), "model": model}}
+            model = [f"cache{name}", 0]
+        graph[f"count{name}"] = {"class_type": "QuickstepTestCountCalls", "inputs": {"model": model}}
+        graph[f"out{name}"] = {"class_type": "SamplerCustom",
+                               "inputs": {"model": [f"count{name}", 0], "add_noise": True, "noise_seed": 3,
+                                          "cfg": ["setup", 3] if cfg is None else cfg, "positive": ["positive", 0],
+                                          "negative": ["negative", 0], "sampler": ["setup", 1],
+                                          "sigmas": ["setup", 2], "latent_image": ["latent", 0]}}
+        graph[f"keep{name}"] = sink(f"out{name}")
+    return graph
+
+
+def _counts(inproc, result, node):
+    return inproc.output(result, node).model_options["transformer_options"]["quickstep_test_calls"]
+
+
+def _block_cache_fits(architecture):
+    """Whether the Block Cache at its defaults (one front and one back block live) has blocks left to cache."""
+    import sys
+
+    import nodes
+    from modelzoo import digit_models
+    caching = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepBlockCache"].__module__]
+    layout = caching._dit_layout(digit_models.build_base_model(architecture).diffusion_model)
+    return layout is not None and len(layout) > 2
+
+
+@pytest.mark.parametrize("family,architecture,steps", PRESET_MODELS)
+def test_flow_presets_sample_at_cfg_1_with_one_pass_per_step_and_caches_at_defaults_back_off(
+        inproc, family, architecture, steps):
+    """The setup's cfg output takes the host's cfg-1 path: each step computes the positive's rows only (a CFG
+    sampler would compute the negative's too). A cache at its defaults sees a schedule of <= 8 steps and computes
+    every step: the same latent as uncached, bit for bit."""
+    import sys
+
+    import nodes
+    caches = [("_model", "QuickstepModelCache")]
+    if _block_cache_fits(architecture):
+        caches.append(("_block", "QuickstepBlockCache"))
+    summaries = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepModelCache"].__module__].LAST_SUMMARY
+    summaries.clear()
+    result = inproc.run(_preset_graph(family, architecture, steps, caches))
+    assert inproc.output(result, "setup", 3) == 1.0
+    assert torch.equal(inproc.output(result, "setup", 2), qd.flow_preset_sigmas(qd.FAMILIES[family], steps))
+    assert _counts(inproc, result, "count") == {"n": steps, "rows": steps * BATCH}
+    plain = inproc.output(result, "out")["samples"]
+    assert torch.isfinite(plain).all()
+    for name, _ in caches:
+        assert torch.equal(inproc.output(result, f"out{name}")["samples"], plain), name
+        assert _counts(inproc, result, f"count{name}")["rows"] == steps * BATCH, name
+    assert {cache: summaries[cache]["few_step"] for cache in summaries} == \
+        {"ModelCache": True, **({"BlockCache": True} if len(caches) > 1 else {})}
+
+
+def test_the_call_counter_sees_the_negative_pass_at_another_cfg(inproc):
+    """The contrast for the test above: the same preset sampled at cfg 2 computes twice the rows."""
+    result = inproc.run(_preset_graph("flux_schnell", "flux", 4, cfg=2.0))
+    assert _counts(inproc, result, "count") == {"n": 4, "rows": 2 * 4 * BATCH}

@@ -73,8 +73,10 @@ class QuickstepTestConditioning(io.ComfyNode):
 
 
 class QuickstepTestCountCalls(io.ComfyNode):
-    """Counts sampler-level model calls (one per CFG-combined prediction) with a PREDICT_NOISE wrapper; the count
-    is in model_options["transformer_options"]["quickstep_test_calls"]["n"] of the output model."""
+    """Counts sampler-level model calls (one per CFG-combined prediction) with a PREDICT_NOISE wrapper, and the
+    batch rows the diffusion model computes with an APPLY_MODEL wrapper (a CFG step computes the negative's rows too,
+    a cfg-1 step only the positive's); the counts are in model_options["transformer_options"]["quickstep_test_calls"]
+    ["n"] and ["rows"] of the output model."""
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -87,12 +89,18 @@ class QuickstepTestCountCalls(io.ComfyNode):
     def execute(cls, model):
         import comfy.patcher_extension
         patched = model.clone()
-        calls = {"n": 0}
+        calls = {"n": 0, "rows": 0}
 
         def count(executor, *args, **kwargs):
             calls["n"] += 1
             return executor(*args, **kwargs)
+
+        def count_rows(executor, x, *args, **kwargs):
+            calls["rows"] += x.shape[0]
+            return executor(x, *args, **kwargs)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "quickstep_test_count", count)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "quickstep_test_count",
+                                     count_rows)
         patched.model_options.setdefault("transformer_options", {})["quickstep_test_calls"] = calls
         return io.NodeOutput(patched)
 
