@@ -3,8 +3,13 @@ same graph (the UI file laid out in titled groups), and every API workflow runs 
 the test models; the pack carries what the Comfy Registry needs.
 
 The workflows name the stock model files a user has (v1-5-pruned-emaonly.safetensors, an SD3 diffusion model, its
-text encoders); only this test maps them to the test bed's files, swaps the text encoders for seeded test
-conditioning (the tiny checkpoint has no CLIP) and shrinks sizes and step counts so each run takes seconds."""
+text encoders, the Wan / Qwen-Image / HunyuanVideo / LTXV / Chroma / Z-Image files); as shipped, the host's own
+validate_prompt accepts each once those files are in the user's folders. Only this test maps them to the test bed's
+files, swaps the text encoders for seeded test conditioning (the tiny checkpoint has no CLIP) and shrinks sizes and
+step counts so each run takes seconds. The families whose stock loaders detect only full-size files (modelzoo/README.md
+"Stock loaders") run their graph with the model, text encoder, empty latent and decoder swapped: the pack's digit
+model of that architecture where there is one (Wan, Qwen-Image, Lumina 2 / Z-Image), else a tiny seeded model of the
+host's class (HunyuanVideo, LTXV, Chroma; test-bed nodes). The caches, samplers, shift and split steps stay."""
 import importlib.util
 import json
 from pathlib import Path
@@ -30,19 +35,38 @@ _spec.loader.exec_module(make_ui_workflows)
 # test bed has no full SD3 VAE, and VAELoader takes "taesd3" as one of its own names.
 TEST_FILES = {("CheckpointLoaderSimple", "ckpt_name"): CHECKPOINT, ("UNETLoader", "unet_name"): MMDIT_FILE,
               ("VAELoader", "vae_name"): "taesd3", ("LoadImage", "image"): TEST_IMAGE}
-USER_FILE_INPUTS = set(TEST_FILES) | {("TripleCLIPLoader", f"clip_name{i}") for i in (1, 2, 3)}
+# The model files a user picks, by the folder their loader lists
+USER_FILE_FOLDERS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints", ("UNETLoader", "unet_name"):
+                     "diffusion_models", ("VAELoader", "vae_name"): "vae", ("CLIPLoader", "clip_name"): "text_encoders",
+                     **{("DualCLIPLoader", f"clip_name{i}"): "text_encoders" for i in (1, 2)},
+                     **{("TripleCLIPLoader", f"clip_name{i}"): "text_encoders" for i in (1, 2, 3)}}
+USER_FILE_INPUTS = set(USER_FILE_FOLDERS) | {("LoadImage", "image")}
+# Families by their text encoder loader's type: the digit model architecture, or the tiny host model, that stands in
+DIGIT_STAND_INS = {"wan": "wan21", "qwen_image": "qwen_image", "lumina2": "lumina2"}
+TINY_STAND_INS = {"hunyuan_video": "hunyuan_video", "ltxv": "ltxv", "chroma": "chroma"}
+MODEL_LOADERS = {"UNETLoader", "CheckpointLoaderSimple"}
+EMPTY_LATENTS = {"EmptyHunyuanLatentVideo", "EmptySD3LatentImage", "EmptyLTXVLatentVideo"}
+DECODERS = {"VAEDecode", "VAEDecodeTiled"}
+# Nodes that only feed others: dropped once nothing reads them (the loaders a stand-in replaced)
+FEEDERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader", "T5TokenizerOptions"}
+SAVES = {"SaveImage": b"\x89PNG\r\n\x1a\n", "SaveAnimatedWEBP": b"RIFF"}
 # Text encoders by the loader their CLIP comes from: (test conditioning arch, context width; 0 = the model's own)
 CONDITIONING_FOR = {"CheckpointLoaderSimple": ("sd15", 768), "TripleCLIPLoader": ("mmdit", 0)}
 # Small sizes and few steps (the whole module takes about 20 s); the test MMDiT has 2 blocks, so Block Cache keeps one in front and caches the other.
 CHEAP = {"EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
          "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
+         "EmptyHunyuanLatentVideo": {"width": 64, "height": 64, "length": 9, "batch_size": 1},
+         "EmptyLTXVLatentVideo": {"width": 128, "height": 128, "length": 9, "batch_size": 1},
          "ImageScale": {"width": 64, "height": 64},
-         "KSampler": {"steps": 3}, "BasicScheduler": {"steps": 3},
+         "KSampler": {"steps": 3}, "BasicScheduler": {"steps": 3}, "LTXVScheduler": {"steps": 3},
+         "KSamplerAdvanced": {"steps": 4},         # its start and end steps scale with it (see _cheap_inputs)
          # the Nelder-Mead search ("ld3") took 101 s here on 4 trajectories (test_schedule_nodes covers it); GITS 3 s
          "QuickstepOptimizeSchedule": {"method": "gits", "steps": 3, "trajectories": 4, "teacher_steps": 10},
          # the learned solver's full run is covered by test_solver_nodes; here a 3-call solver from 2 passes
          "QuickstepOptimizeSolver": {"steps": 3, "trajectories": 4, "teacher_steps": 10, "max_fits": 2},
-         "QuickstepBlockCache": {"back_blocks": 0}, "QuickstepRestoreImage": {"model_calls": 3}}
+         # few_step_limit 0: the caches work at 3 steps instead of backing off to computing every one
+         "QuickstepBlockCache": {"back_blocks": 0, "few_step_limit": 0}, "QuickstepModelCache": {"few_step_limit": 0},
+         "QuickstepRestoreImage": {"model_calls": 3}}
 
 
 def _api(name):
@@ -73,22 +97,75 @@ def _is_link(value):
     return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
 
 
+def _text_encoder_type(api):
+    """The type of the workflow's CLIPLoader / DualCLIPLoader (the model family it loads text encoders for)."""
+    types = {node["inputs"]["type"] for node in api.values() if node["class_type"] in ("CLIPLoader", "DualCLIPLoader")}
+    assert len(types) <= 1, f"one family per workflow, got text encoders of types {types}"
+    return next(iter(types), None)
+
+
+def _stand_in(node_id, node, family):
+    """The test-bed node that replaces `node` of a family whose files the test bed cannot have, or None to keep it."""
+    kind = node["class_type"]
+    if family in DIGIT_STAND_INS:
+        arch = DIGIT_STAND_INS[family]
+        if kind in MODEL_LOADERS:
+            return {"class_type": "QuickstepDigitModel",
+                    "inputs": {"prediction": "auto", "distilled": "none", "architecture": arch}}
+        if kind == "CLIPTextEncode":
+            return {"class_type": "QuickstepDigitConditioning", "inputs": {"digits": str(int(node_id) % 10)}}
+        if kind in EMPTY_LATENTS:
+            return {"class_type": "QuickstepEmptyDigitLatent", "inputs": {"batch_size": 1, "architecture": arch}}
+        if kind in DECODERS:
+            return {"class_type": "QuickstepDigitToImage", "inputs": {"samples": node["inputs"]["samples"]}}
+    if family in TINY_STAND_INS:
+        arch = TINY_STAND_INS[family]
+        if kind in MODEL_LOADERS:
+            return {"class_type": "QuickstepTestTinyModel", "inputs": {"arch": arch, "seed": 0}}
+        if kind == "CLIPTextEncode":
+            return {"class_type": "QuickstepTestConditioning",
+                    "inputs": {"arch": arch, "seed": int(node_id), "context_dim": 0}}
+        if kind in DECODERS:
+            return {"class_type": "QuickstepTestLatentImage", "inputs": {"samples": node["inputs"]["samples"]}}
+    return None
+
+
+def _cheap_inputs(node):
+    """CHEAP's values for `node`; KSamplerAdvanced's start and end steps move with its step count, so a two-expert
+    split stays a split."""
+    cheap = dict(CHEAP.get(node["class_type"], {}))
+    if node["class_type"] == "KSamplerAdvanced":
+        steps = node["inputs"]["steps"]
+        for name in ("start_at_step", "end_at_step"):
+            cheap[name] = min(node["inputs"][name] * cheap["steps"] // steps, 10000)
+    return cheap
+
+
 def for_test_models(api, cheap=True):
-    """The workflow on the test bed: model files mapped, text encoders replaced, small sizes and few steps."""
+    """The workflow on the test bed: model files mapped or their families' stand-ins put in, text encoders replaced,
+    small sizes and few steps."""
     api = json.loads(json.dumps(api))
+    family = _text_encoder_type(api)
     for node_id, node in list(api.items()):
-        if node["class_type"] == "CLIPTextEncode":
+        replacement = _stand_in(node_id, node, family)
+        if replacement is not None:
+            api[node_id] = replacement
+        elif node["class_type"] == "CLIPTextEncode":
             arch, width = CONDITIONING_FOR[api[node["inputs"]["clip"][0]]["class_type"]]
             api[node_id] = {"class_type": "QuickstepTestConditioning",
                             "inputs": {"arch": arch, "seed": int(node_id), "context_dim": width}}
-    used = {v[0] for node in api.values() for v in node["inputs"].values() if _is_link(v)}
-    for node_id in [n for n, node in api.items() if node["class_type"] == "TripleCLIPLoader" and n not in used]:
-        del api[node_id]
+    while True:
+        used = {v[0] for node in api.values() for v in node["inputs"].values() if _is_link(v)}
+        unused = [n for n, node in api.items() if node["class_type"] in FEEDERS and n not in used]
+        if not unused:
+            break
+        for node_id in unused:
+            del api[node_id]
     for node in api.values():
         for name in node["inputs"]:
             if (node["class_type"], name) in TEST_FILES:
                 node["inputs"][name] = TEST_FILES[node["class_type"], name]
-        for name, value in (CHEAP.get(node["class_type"], {}) if cheap else {}).items():
+        for name, value in (_cheap_inputs(node) if cheap else {}).items():
             if not _is_link(node["inputs"].get(name)):
                 node["inputs"][name] = value
     return api
@@ -208,12 +285,33 @@ def test_api_workflow_runs_end_to_end(name, client, test_files):
         _run(client, required)
     result = _run(client, name)
     api = _api(name)
-    saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]
-    assert saves and set(saves) <= set(result.outputs), f"workflow saved no image from {saves}"
-    for node_id in saves:
+    saves = {node_id: SAVES[node["class_type"]] for node_id, node in api.items() if node["class_type"] in SAVES}
+    assert saves and set(saves) <= set(result.outputs), f"workflow saved no image from {sorted(saves)}"
+    for node_id, magic in saves.items():
         image = result.outputs[node_id]["images"][0]
-        png = client.view(image["filename"], image.get("subfolder", ""), image["type"])
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        data = client.view(image["filename"], image.get("subfolder", ""), image["type"])
+        assert data[:len(magic)] == magic, (node_id, data[:16])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_workflow_passes_host_validation(name, inproc, test_files, monkeypatch):
+    """The API file as shipped, with the user's model files in the folders their loaders list (the photo is the
+    test image), passes the host's own validate_prompt: node types, links, types and every combo value."""
+    import folder_paths
+    api = _without_meta(_api(name))
+    user_files = {}
+    for node in api.values():
+        for input_name, value in node["inputs"].items():
+            folder = USER_FILE_FOLDERS.get((node["class_type"], input_name))
+            if folder:
+                user_files.setdefault(folder, []).append(value)
+            elif (node["class_type"], input_name) == ("LoadImage", "image"):
+                node["inputs"][input_name] = TEST_IMAGE
+    listed = folder_paths.get_filename_list
+    monkeypatch.setattr(folder_paths, "get_filename_list",
+                        lambda folder: sorted(set(listed(folder)) | set(user_files.get(folder, []))))
+    saves = {n for n, node in api.items() if node["class_type"] in SAVES}
+    assert saves and saves <= set(inproc.validate(api))
 
 
 def test_registry_metadata():

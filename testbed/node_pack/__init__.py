@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
 from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
@@ -23,6 +24,15 @@ def _modelzoo(module):
         sys.modules[package] = mod
         spec.loader.exec_module(mod)
     return importlib.import_module(f"{package}.{module}")
+
+
+def _tiny_archs():
+    """The tiny host models: tiny_host's SD1.5 UNet, MMDiT and Flux, then tiny_dits' 2026 DiT families."""
+    return [*_modelzoo("tiny_host").ARCHITECTURES, *_modelzoo("tiny_dits").FAMILIES]
+
+
+def _is_tiny_dit(arch):
+    return arch in _modelzoo("tiny_dits").FAMILIES
 
 
 class QuickstepTestOracle(io.ComfyNode):
@@ -45,13 +55,16 @@ class QuickstepTestTinyModel(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QuickstepTestTinyModel", display_name="Test Tiny Host Model", category="Quickstep/testbed",
-            description="A small seeded model of the host's own SD1.5 UNet, MMDiT or Flux class (test bed).",
-            inputs=[io.Combo.Input("arch", options=["sd15", "mmdit", "flux"], tooltip="Host architecture."),
+            description="A small seeded model of a host model class: SD1.5 UNet, MMDiT, Flux or a 2026 DiT "
+                        "family of modelzoo/tiny_dits.py (test bed).",
+            inputs=[io.Combo.Input("arch", options=_tiny_archs(), tooltip="Host architecture."),
                     io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Weight seed.")],
             outputs=[io.Model.Output()])
 
     @classmethod
     def execute(cls, arch, seed):
+        if _is_tiny_dit(arch):
+            return io.NodeOutput(_modelzoo("tiny_dits").build_tiny_dit(arch, seed))
         return io.NodeOutput(_modelzoo("tiny_host").build_tiny(arch, seed))
 
 
@@ -61,15 +74,39 @@ class QuickstepTestConditioning(io.ComfyNode):
         return io.Schema(
             node_id="QuickstepTestConditioning", display_name="Test Conditioning", category="Quickstep/testbed",
             description="Seeded CONDITIONING shaped for a tiny host model (test bed).",
-            inputs=[io.Combo.Input("arch", options=["sd15", "mmdit", "flux"], tooltip="Host architecture."),
+            inputs=[io.Combo.Input("arch", options=_tiny_archs(), tooltip="Host architecture."),
                     io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the context tokens."),
                     io.Int.Input("context_dim", default=0, min=0, max=4096,
-                                 tooltip="Token width; 0 = the tiny model's own (768 for the SD1.5 file).")],
+                                 tooltip="Token width; 0 = the tiny model's own (768 for the SD1.5 file). "
+                                         "The tiny DiT families have their own width only.")],
             outputs=[io.Conditioning.Output()])
 
     @classmethod
     def execute(cls, arch, seed, context_dim):
+        if _is_tiny_dit(arch):
+            return io.NodeOutput(_modelzoo("tiny_dits").tiny_dit_conditioning(arch, seed))
         return io.NodeOutput(_modelzoo("tiny_host").tiny_conditioning(arch, seed, context_dim=context_dim))
+
+
+class QuickstepTestLatentImage(io.ComfyNode):
+    """Stands in for a VAE the test bed does not have (video and 128-channel latents): the image is no decoding,
+    only a picture of the latent that a save node accepts."""
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuickstepTestLatentImage", display_name="Test Latent as Image", category="Quickstep/testbed",
+            description="The latent's first three channels through a sigmoid as an IMAGE; video frames follow each "
+                        "other in the batch (test bed).",
+            inputs=[io.Latent.Input("samples", tooltip="Any latent, image [B, C, H, W] or video [B, C, T, H, W].")],
+            outputs=[io.Image.Output()])
+
+    @classmethod
+    def execute(cls, samples):
+        x = samples["samples"].float()
+        if x.ndim == 5:
+            x = x.movedim(2, 1).flatten(0, 1)
+        rgb = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+        return io.NodeOutput(torch.sigmoid(rgb).movedim(1, -1).contiguous())
 
 
 class QuickstepTestCountCalls(io.ComfyNode):
@@ -108,7 +145,8 @@ class QuickstepTestCountCalls(io.ComfyNode):
 class TestbedExtension(ComfyExtension):
     @override
     async def get_node_list(self):
-        return [QuickstepTestOracle, QuickstepTestTinyModel, QuickstepTestConditioning, QuickstepTestCountCalls]
+        return [QuickstepTestOracle, QuickstepTestTinyModel, QuickstepTestConditioning, QuickstepTestCountCalls,
+                QuickstepTestLatentImage]
 
 
 async def comfy_entrypoint():
