@@ -241,6 +241,26 @@ def psnr(a, b):
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
+def frame_difference_psnr(a, b):
+    """Temporal consistency of clip `a` against reference clip `b` (video latents [B, C, T, H, W]): the PSNR of a's
+    frame-to-frame differences a[t+1] - a[t] against b's, with the clip PSNR's peak (max |b|), so the two PSNRs
+    compare directly: errors independent from frame to frame give about 3 dB less than the clip PSNR, an error shared
+    by all frames none. The digit latents are the pixels up to a pixel shuffle and one scale factor, so the figure is
+    the same on the decoded frames."""
+    mse = (a.diff(dim=2) - b.diff(dim=2)).pow(2).mean().item()
+    peak = b.abs().max().item()
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def motion_db(a, b):
+    """The frame-to-frame change of clip `a` against reference `b`'s, in dB (10 log10 of the ratio of the mean
+    squared frame differences): 0 is the reference's motion, below 0 a stiller clip, above 0 more flicker."""
+    return 10 * math.log10(a.diff(dim=2).pow(2).mean().item() / b.diff(dim=2).pow(2).mean().item())
+
+
+TEMPORAL_DB = 1.0      # the temporal target: frame-difference PSNR at most this far below the clip PSNR
+
+
 def ssim(a, b):
     """SSIM of latents: both mapped to [-1, 1] by the reference's range, then samplers.operators.ssim (a video
     latent's frames are folded into its channels)."""
@@ -360,14 +380,114 @@ def benchmark(model_name, steps, quick, log, preset=None):
                "compute_ratio": ref["flops"] / max(flops, 1), "wall_s": wall, "speedup": ref["wall"] / wall,
                "psnr": psnr(out, ref["out"]), "ssim": ssim(out.float(), ref["out"].float()), "spec": spec,
                "cache_summary": summary if spec and spec[0].startswith("Quickstep") else None}
+        if out.ndim == 5:
+            row.update(frame_diff_psnr=frame_difference_psnr(out, ref["out"]), motion_db=motion_db(out, ref["out"]))
         rows.append(row)
         log(f"{model_name:8s} {label:36s} calls {calls:3d}  compute {row['compute_ratio']:.2f}x  "
-            f"wall {row['speedup']:.2f}x  PSNR {row['psnr']:.1f} dB  SSIM {row['ssim']:.3f}")
+            f"wall {row['speedup']:.2f}x  PSNR {row['psnr']:.1f} dB  SSIM {row['ssim']:.3f}"
+            + (f"  frame-diff PSNR {row['frame_diff_psnr']:.1f} dB  motion {row['motion_db']:+.2f} dB"
+               if "motion_db" in row else ""))
     # the uncached time again at the end (the machine's load drifts): the faster of the two is the reference
     ref_wall = min(ref["wall"], sample(setup, apply(setup.patcher, None), steps)[3])
     for row in rows:
         row["speedup"] = ref_wall / row["wall_s"]
     return rows
+
+
+def expert_pair(setup, high, low, steps, switch, seed=0):
+    """The stock Wan 2.2 graph, as KSamplerAdvanced runs it (tests/test_cache_families.py two_expert): the high-noise
+    expert for steps [0, switch) from seeded noise, returning leftover noise, then the low-noise expert for
+    [switch, steps) without new noise; `low` None: `high` alone for all the steps, one sampler call. Both through
+    comfy.sample.sample, the call KSamplerAdvanced makes, with a callback recording each step's x0 prediction.
+    Returns (final latent, [x0 per step], FLOPs of the whole graph)."""
+    import comfy.sample
+    from torch.utils.flop_counter import FlopCounterMode
+    predictions = []
+
+    def record(step, x0, x, total):
+        predictions.append(x0.double())
+
+    def run(model, latent, start, end, first):
+        noise = (comfy.sample.prepare_noise(latent, seed) if first else torch.zeros(latent.shape))
+        return comfy.sample.sample(model, noise, steps, setup.cfg, "euler", setup.scheduler, setup.positive,
+                                   setup.negative, latent, disable_noise=not first, start_step=start, last_step=end,
+                                   force_full_denoise=not first or low is None, callback=record,
+                                   disable_pbar=True, seed=seed)
+    with FlopCounterMode(display=False) as fc:
+        if low is None:
+            out = run(high, setup.latent, 0, steps, True)
+        else:
+            out = run(low, run(high, setup.latent, 0, switch, True), switch, steps, False)
+    return out.double(), predictions, fc.get_total_flops()
+
+
+# The steps "around the switch": the high-noise expert's last and the low-noise expert's first two.
+SWITCH_WINDOW = (-1, 0, 1)
+SWITCH_DROP_DB = 2.0   # the target: those steps' x0 PSNR at most this far below the median of the other steps'
+
+
+def two_expert_benchmark(model_name, steps, switch, log):
+    """Each cache at its defaults on two separate model patchers (the trained model loaded twice: the high- and the
+    low-noise expert), each patcher with its own cache node, in the stock two-expert graph: per-step x0 PSNR against
+    the uncached pair, the steps around the switch against the others, and the same cache on one patcher over all
+    the steps (no switch) at the same steps."""
+    if not 0 < switch < steps - 1:
+        raise SystemExit(f"--two-expert switch must lie in 1..{steps - 2} for {steps} steps, got {switch}")
+    setup, low_setup = build_setup(model_name), build_setup(model_name)
+    ref, ref_x0, ref_flops = expert_pair(setup, apply(setup.patcher, None), apply(low_setup.patcher, None), steps,
+                                         switch)
+    single_ref = expert_pair(setup, apply(setup.patcher, None), None, steps, switch)[0]
+    log(f"{model_name} two experts, switch at {switch} of {steps}: the uncached pair against one uncached model over "
+        f"all steps: PSNR {db(psnr(single_ref, ref))} dB")
+    specs = [(cache, (cache, dict(defaults(cache), verbose=False))) for cache in HOST_CACHES]
+    layout = layout_of(setup)
+    specs.append(("ModelCache", ("QuickstepModelCache", defaults("QuickstepModelCache"))))
+    if layout is not None:
+        specs.append(("BlockCache", ("QuickstepBlockCache", dict(defaults("QuickstepBlockCache"),
+                                                                  back_blocks=1 if len(layout) > 2 else 0))))
+    window = [switch + k for k in SWITCH_WINDOW]
+    rows = []
+    for label, spec in specs:
+        out, x0, flops = expert_pair(setup, apply(setup.patcher, spec), apply(low_setup.patcher, spec), steps,
+                                     switch)
+        single_x0 = expert_pair(setup, apply(setup.patcher, spec), None, steps, switch)[1]
+        per_step = [psnr(a, b) for a, b in zip(x0, ref_x0)]
+        single = [psnr(a, b) for a, b in zip(single_x0, ref_x0)]
+        others = sorted(p for i, p in enumerate(per_step) if i not in window and math.isfinite(p))
+        median = others[len(others) // 2] if others else math.inf
+        row = {"config": f"{label} (default), one per expert", "spec": spec, "compute_ratio": ref_flops / flops,
+               "psnr": psnr(out, ref), "per_step_psnr": per_step, "single_per_step_psnr": single,
+               "window": window, "window_min": min(per_step[i] for i in window), "others_median": median,
+               "single_window_min": min(single[i] for i in window)}
+        if out.ndim == 5:
+            row.update(frame_diff_psnr=frame_difference_psnr(out, ref), motion_db=motion_db(out, ref))
+        rows.append(row)
+        log(f"{model_name} two experts {label:10s} compute {row['compute_ratio']:.2f}x  final PSNR "
+            f"{db(row['psnr'])} dB  x0 PSNR per step: {' '.join(db(p) for p in per_step)}")
+    return {"switch": switch, "steps": steps, "pair_vs_single_psnr": psnr(single_ref, ref), "rows": rows}
+
+
+def two_expert_markdown(name, result):
+    switch, window = result["switch"], result["rows"][0]["window"] if result["rows"] else []
+    lines = [f"### {name}: two experts, switch at step {switch} of {result['steps']}", "",
+             f"x0 PSNR (dB) against the uncached pair; window = steps {', '.join(map(str, window))} (the high-noise "
+             f"expert's last, the low-noise expert's first two); the uncached pair against one uncached model: "
+             f"{db(result['pair_vs_single_psnr'])} dB.", "",
+             "| cache (defaults) | compute ratio | final PSNR | window min | median of other steps | drop at the switch "
+             "| one model, no switch: window min | drop against one model |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        drop = r["others_median"] - r["window_min"]
+        pairs = [(r["single_per_step_psnr"][i], r["per_step_psnr"][i]) for i in r["window"]]
+        against_one = max((one - two for one, two in pairs if math.isfinite(one) or math.isfinite(two)),
+                          default=-math.inf)
+        lines.append(f"| {r['config']} | {r['compute_ratio']:.2f}x | {db(r['psnr'])} | {db(r['window_min'])} | "
+                     f"{db(r['others_median'])} | {'none' if not drop > 0 else f'{drop:.1f} dB'}"
+                     f"{' (target missed)' if drop > SWITCH_DROP_DB else ''} | {db(r['single_window_min'])} | "
+                     f"{'none' if not against_one > 0 else f'{against_one:.1f} dB'} |")
+    lines.append("")
+    for r in result["rows"]:
+        lines.append(f"- {r['config']} per step: " + " ".join(db(p) for p in r["per_step_psnr"]))
+    return "\n".join(lines)
 
 
 # The full-size SD1.5 UNet (860M parameters) as overrides of the tiny sd15 config: 320 channels, 4 levels,
@@ -417,22 +537,48 @@ def dominated(rows, ours, theirs):
     return won, len(other)
 
 
+def dominating(rows, row):
+    """The host cache points at least as good as `row` on both compute ratio and PSNR (protocol section 5)."""
+    return [r for r in rows if r["family"] in HOST_CACHES and r["compute_ratio"] >= row["compute_ratio"]
+            and r["psnr"] >= row["psnr"]]
+
+
+HOST_CACHES = ("EasyCache", "LazyCache")
+
+
+def db(p):
+    return "exact" if math.isinf(p) else f"{p:.1f}"
+
+
 def markdown(name, rows):
-    fmt = lambda p: "exact" if math.isinf(p) else f"{p:.1f}"  # noqa: E731
+    video = "motion_db" in rows[0]
     lines = [f"### {name}", "",
-             "| config | model calls | compute ratio | wall speedup | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|"]
+             "| config | model calls | compute ratio | wall speedup | PSNR (dB) | SSIM |"
+             + (" frame-diff PSNR (dB) | motion (dB) |" if video else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if video else "")]
     for r in rows:
         lines.append(f"| {r['config']} | {r['calls']} | {r['compute_ratio']:.2f}x | {r['speedup']:.2f}x | "
-                     f"{fmt(r['psnr'])} | {r['ssim']:.3f} |")
-    ours = sorted({r["family"] for r in rows} - {"uncached", "EasyCache", "LazyCache", "forecaster"})
+                     f"{db(r['psnr'])} | {r['ssim']:.3f} |"
+                     + (f" {db(r['frame_diff_psnr'])} | {r['motion_db']:+.2f} |" if video else ""))
+    ours = sorted({r["family"] for r in rows} - {"uncached", *HOST_CACHES, "forecaster"})
     lines.append("")
-    for family in ["EasyCache", "LazyCache", *ours]:
+    for family in [*HOST_CACHES, *ours]:
         best = best_at_target(rows, family)
         lines.append(f"- {family}: largest compute ratio at >= {TARGET_DB:.0f} dB: "
                      + (f"{best:.2f}x" if best else "none (no swept point reaches it)"))
-    for theirs in ("EasyCache", "LazyCache"):
+    for theirs in HOST_CACHES:
         won, n = dominated(rows, ours, theirs)
         lines.append(f"- Quickstep points match or beat {won} of {n} skipping {theirs} points on both compute and PSNR")
+    for r in rows:
+        if r["family"] in ours and "(default)" in r["config"]:
+            above = dominating(rows, r)
+            lines.append(f"- host points dominating {r['config']}: "
+                         + (", ".join(f"{h['config']} ({h['compute_ratio']:.2f}x, {db(h['psnr'])} dB)" for h in above)
+                            or "none"))
+    if video:
+        flicker = [r["config"] for r in rows if r["frame_diff_psnr"] < r["psnr"] - TEMPORAL_DB]
+        lines.append(f"- frame-diff PSNR more than {TEMPORAL_DB:.0f} dB below the clip PSNR (temporal target missed): "
+                     + (", ".join(flicker) or "none"))
     return "\n".join(lines)
 
 
@@ -466,7 +612,12 @@ def main(argv=None):
                         help="host base directory (its custom_nodes links this checkout: one per checkout)")
     parser.add_argument("--sd15-partial-cost", action="store_true",
                         help="also measure a partial call's FLOPs on the full-size SD1.5 architecture (slow)")
+    parser.add_argument("--two-expert", type=int, default=None, metavar="SWITCH",
+                        help="instead of the sweep: the Wan 2.2 two-expert graph switching experts at step SWITCH, "
+                             "each cache at its defaults, per-step x0 PSNR")
     args = parser.parse_args(argv)
+    if args.two_expert is not None and args.preset:
+        parser.error("--two-expert samples on the model's scheduler: no --preset")
     runs = plan_runs(parser, args)
 
     from testbed.inproc import InProcessHost
@@ -478,13 +629,15 @@ def main(argv=None):
     if args.sd15_partial_cost:
         results["sd15_full_partial_cost"] = sd15_partial_cost()
     for key, (name, preset, steps) in runs.items():
-        results[key] = benchmark(name, steps, args.quick, print, preset)
+        results[key] = (two_expert_benchmark(name, steps, args.two_expert, print) if args.two_expert is not None
+                        else benchmark(name, steps, args.quick, print, preset))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"steps": args.steps, "presets": args.preset, "results": results, "wall_s": time.time() - t0},
+            json.dump({"steps": args.steps, "presets": args.preset, "two_expert": args.two_expert, "results": results, "wall_s": time.time() - t0},
                       f, indent=1, default=str)
     for key, (_, _, steps) in runs.items():
-        print(markdown(f"{key}, {steps} steps", results[key]), "\n")
+        print(two_expert_markdown(key, results[key]) if args.two_expert is not None
+              else markdown(f"{key}, {steps} steps", results[key]), "\n")
     print(f"wrote {args.out} in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
