@@ -11,6 +11,9 @@ a different negative, batch 2). Measured per configuration:
 - PSNR (peak = max |x| of the reference) and SSIM (7x7 Gaussian window, both tensors scaled by the reference's range)
   of the final latent against the uncached run.
 Calibrated policies are calibrated with the Calibrate Cache code path on another noise seed than the one measured.
+On a video latent [B, C, T, H, W] also its temporal consistency: the frame-difference PSNR (x[t+1] - x[t] of the
+cached clip against the uncached clip's, the clip PSNR's peak; target: at most TEMPORAL_DB below the clip PSNR) and
+the motion in dB (mean squared frame difference against the uncached clip's; target: within TEMPORAL_DB of 0).
 
 Models: "digits" and "digits-flow", the pack's trained SD1.5-architecture UNets (MNIST, pixel space,
 modelzoo/mnist_unet.py; eps with the karras schedule, rectified flow with the simple one; digits 3 and 7 against the
@@ -35,8 +38,16 @@ scheduler at CFG 2.5/3: one name for every model, or one per model in order; --s
 first published count. Each Quickstep cache then also runs with its few-step back-off off (few_step_limit 0), to show
 what the back-off keeps.
 
+--two-expert SWITCH: instead of the sweep, the Wan 2.2 two-expert graph (the stock KSamplerAdvanced split: the
+high-noise expert for steps [0, SWITCH) returning leftover noise, the low-noise expert for the rest without new
+noise) with the model loaded twice as the two experts, each patcher with its own cache node at its defaults (host
+and Quickstep caches): the x0 prediction's PSNR at every step against the uncached pair, the steps around the switch
+(SWITCH_WINDOW) against the median of the others (target: at most SWITCH_DROP_DB below), and the same cache on one
+patcher over all the steps as the control.
+
 usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mmdit4 flux12 flux12-smooth
                                                    mmdit12-smooth sd15-full-smooth] [--quick] [--preset NAME ...]
+                          [--two-expert SWITCH]
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
@@ -258,7 +269,8 @@ def motion_db(a, b):
     return 10 * math.log10(a.diff(dim=2).pow(2).mean().item() / b.diff(dim=2).pow(2).mean().item())
 
 
-TEMPORAL_DB = 1.0      # the temporal target: frame-difference PSNR at most this far below the clip PSNR
+# the temporal target: frame-difference PSNR at most this far below the clip PSNR, motion at most this far from 0
+TEMPORAL_DB = 1.0
 
 
 def ssim(a, b):
@@ -326,7 +338,7 @@ def configs(setup, steps, quick):
         out.append(("ModelCache", "ModelCache (default), back-off off",
                     ("QuickstepModelCache", dict(model, few_step_limit=0))))
     if not quick:
-        for t in (0.05, 0.1, 0.4):
+        for t in (0.05, 0.1, 0.15, 0.4):
             out.append(("ModelCache", f"ModelCache t={t}", ("QuickstepModelCache", dict(model, threshold=t))))
     if layout_of(setup) is None:           # no block patch (Lumina2, Z-Image, HiDream): the model cache only
         return out
@@ -398,14 +410,15 @@ def expert_pair(setup, high, low, steps, switch, seed=0):
     """The stock Wan 2.2 graph, as KSamplerAdvanced runs it (tests/test_cache_families.py two_expert): the high-noise
     expert for steps [0, switch) from seeded noise, returning leftover noise, then the low-noise expert for
     [switch, steps) without new noise; `low` None: `high` alone for all the steps, one sampler call. Both through
-    comfy.sample.sample, the call KSamplerAdvanced makes, with a callback recording each step's x0 prediction.
+    comfy.sample.sample, the call KSamplerAdvanced makes, with a callback recording each step's x0 prediction (in
+    the output latent's space, as the final latent: the sampler works on the latent format's process_in).
     Returns (final latent, [x0 per step], FLOPs of the whole graph)."""
     import comfy.sample
     from torch.utils.flop_counter import FlopCounterMode
     predictions = []
 
     def record(step, x0, x, total):
-        predictions.append(x0.double())
+        predictions.append(setup.patcher.model.process_latent_out(x0).double())
 
     def run(model, latent, start, end, first):
         noise = (comfy.sample.prepare_noise(latent, seed) if first else torch.zeros(latent.shape))
@@ -457,27 +470,28 @@ def two_expert_benchmark(model_name, steps, switch, log):
         median = others[len(others) // 2] if others else math.inf
         row = {"config": f"{label} (default), one per expert", "spec": spec, "compute_ratio": ref_flops / flops,
                "psnr": psnr(out, ref), "per_step_psnr": per_step, "single_per_step_psnr": single,
-               "window": window, "window_min": min(per_step[i] for i in window), "others_median": median,
+               "window_min": min(per_step[i] for i in window), "others_median": median,
                "single_window_min": min(single[i] for i in window)}
         if out.ndim == 5:
             row.update(frame_diff_psnr=frame_difference_psnr(out, ref), motion_db=motion_db(out, ref))
         rows.append(row)
         log(f"{model_name} two experts {label:10s} compute {row['compute_ratio']:.2f}x  final PSNR "
             f"{db(row['psnr'])} dB  x0 PSNR per step: {' '.join(db(p) for p in per_step)}")
-    return {"switch": switch, "steps": steps, "pair_vs_single_psnr": psnr(single_ref, ref), "rows": rows}
+    return {"switch": switch, "steps": steps, "window": window, "pair_vs_single_psnr": psnr(single_ref, ref),
+            "rows": rows}
 
 
 def two_expert_markdown(name, result):
-    switch, window = result["switch"], result["rows"][0]["window"] if result["rows"] else []
+    switch, window = result["switch"], result["window"]
     lines = [f"### {name}: two experts, switch at step {switch} of {result['steps']}", "",
              f"x0 PSNR (dB) against the uncached pair; window = steps {', '.join(map(str, window))} (the high-noise "
              f"expert's last, the low-noise expert's first two); the uncached pair against one uncached model: "
              f"{db(result['pair_vs_single_psnr'])} dB.", "",
-             "| cache (defaults) | compute ratio | final PSNR | window min | median of other steps | drop at the switch "
-             "| one model, no switch: window min | drop against one model |", "|---|---|---|---|---|---|---|---|"]
+             "| cache (defaults) | compute ratio | final PSNR | window min | median of other steps "
+             "| drop at the switch | one model, no switch: window min | drop against one model |", "|---" * 8 + "|"]
     for r in result["rows"]:
         drop = r["others_median"] - r["window_min"]
-        pairs = [(r["single_per_step_psnr"][i], r["per_step_psnr"][i]) for i in r["window"]]
+        pairs = [(r["single_per_step_psnr"][i], r["per_step_psnr"][i]) for i in window]
         against_one = max((one - two for one, two in pairs if math.isfinite(one) or math.isfinite(two)),
                           default=-math.inf)
         lines.append(f"| {r['config']} | {r['compute_ratio']:.2f}x | {db(r['psnr'])} | {db(r['window_min'])} | "
@@ -579,6 +593,9 @@ def markdown(name, rows):
         flicker = [r["config"] for r in rows if r["frame_diff_psnr"] < r["psnr"] - TEMPORAL_DB]
         lines.append(f"- frame-diff PSNR more than {TEMPORAL_DB:.0f} dB below the clip PSNR (temporal target missed): "
                      + (", ".join(flicker) or "none"))
+        moved = [r["config"] for r in rows if abs(r["motion_db"]) > TEMPORAL_DB]
+        lines.append(f"- motion more than {TEMPORAL_DB:.0f} dB from the uncached clip's: "
+                     + (", ".join(moved) or "none"))
     return "\n".join(lines)
 
 
@@ -633,8 +650,8 @@ def main(argv=None):
                         else benchmark(name, steps, args.quick, print, preset))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"steps": args.steps, "presets": args.preset, "two_expert": args.two_expert, "results": results, "wall_s": time.time() - t0},
-                      f, indent=1, default=str)
+            json.dump({"steps": args.steps, "presets": args.preset, "two_expert": args.two_expert,
+                       "results": results, "wall_s": time.time() - t0}, f, indent=1, default=str)
     for key, (_, _, steps) in runs.items():
         print(two_expert_markdown(key, results[key]) if args.two_expert is not None
               else markdown(f"{key}, {steps} steps", results[key]), "\n")

@@ -166,6 +166,42 @@ def test_wan22_two_experts_each_with_its_own_cache_state(inproc):
     assert psnr(cached, plain) > 20.0, psnr(cached, plain)
 
 
+def test_the_benchmarks_two_expert_graph_is_the_stock_one(inproc):
+    """bench.caching --two-expert runs the graph through comfy.sample.sample with a per-step callback: the same
+    latent as the stock KSamplerAdvanced pair, one x0 per step (the last one the final latent, Euler's last step
+    going to sigma 0), and with one model as both experts the pair is one run over all the steps."""
+    import comfy.sample
+    from bench import caching
+    from modelzoo import tiny_dits
+    high, low = tiny("wan_t2v", 0), tiny("wan_t2v", 1)
+    pos, neg = tiny_dits.tiny_dit_conditioning("wan_t2v", 0), tiny_dits.tiny_dit_conditioning("wan_t2v", 1)
+    setup = caching.Setup("wan_t2v", high, "wan_t2v", pos, neg,
+                          torch.zeros(tiny_dits.tiny_dit_latent_shape("wan_t2v")), "simple", 3.0)
+    out, x0, flops = caching.expert_pair(setup, high, low, 10, 5, seed=7)
+    assert torch.equal(out.float(), two_expert(high, low)[1]) and len(x0) == 10
+    assert (x0[-1] - out).abs().max().item() <= 1e-5 * out.abs().max().item()
+    assert flops > 0
+    single_pair, _, _ = caching.expert_pair(setup, high, tiny("wan_t2v", 0), 10, 5, seed=7)
+    single = comfy.sample.sample(high, comfy.sample.prepare_noise(setup.latent, 7), 10, 3.0, "euler", "simple", pos,
+                                 neg, setup.latent, seed=7)
+    assert (single_pair - single.double()).abs().max().item() <= 1e-5
+
+
+def test_the_benchmarks_temporal_measures():
+    """Frame-difference PSNR: an error shared by every frame leaves the differences exact (up to rounding), one
+    independent from frame to frame costs 3 dB against the clip PSNR; motion: a clip of twice the change is +6 dB."""
+    from bench import caching
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(2, 4, 200, 8, 8, generator=g, dtype=torch.float64)
+    shared = clip + 0.1 * torch.randn(2, 4, 1, 8, 8, generator=g, dtype=torch.float64)
+    assert caching.frame_difference_psnr(shared, clip) > 200          # exact up to rounding
+    independent = clip + 0.1 * torch.randn(clip.shape, generator=g, dtype=torch.float64)
+    gap = caching.psnr(independent, clip) - caching.frame_difference_psnr(independent, clip)
+    assert abs(gap - 10 * math.log10(2)) < 0.1, gap
+    assert abs(caching.motion_db(2 * clip, clip) - 20 * math.log10(2)) < 1e-9
+    assert abs(caching.motion_db(shared, clip)) < 1e-9
+
+
 def test_a_calibration_of_the_other_experts_range_is_refused(inproc):
     """Calibrated on the low-noise expert's steps, used on the high-noise expert's: its curve covers none of the
     cacheable steps (a flat curve there would cache every step): a clear error naming the node and the ranges."""
