@@ -54,6 +54,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -342,9 +343,8 @@ def configs(setup, steps, quick):
             out.append(("ModelCache", f"ModelCache t={t}", ("QuickstepModelCache", dict(model, threshold=t))))
     if layout_of(setup) is None:           # no block patch (Lumina2, Z-Image, HiDream): the model cache only
         return out
-    back = 1 if len(layout_of(setup)) > 2 else 0
-    block = dict(defaults("QuickstepBlockCache"), back_blocks=back)
-    out.append(("BlockCache", "BlockCache (default)" + (", back_blocks 0" if not back else ""),
+    block = block_cache_defaults(setup)
+    out.append(("BlockCache", "BlockCache (default)" + (", back_blocks 0" if not block["back_blocks"] else ""),
                 ("QuickstepBlockCache", block)))
     if setup.sigmas is not None:
         out.append(("BlockCache", "BlockCache (default), back-off off",
@@ -374,6 +374,11 @@ SUMMARY_OF = {"QuickstepDeepCache": "DeepCache", "QuickstepBlockCache": "BlockCa
 
 def layout_of(setup):
     return caching_nodes()._dit_layout(setup.patcher.model.diffusion_model)
+
+
+def block_cache_defaults(setup):
+    """The Block Cache node's defaults, with no back block kept live on a model of two blocks or fewer."""
+    return dict(defaults("QuickstepBlockCache"), back_blocks=1 if len(layout_of(setup)) > 2 else 0)
 
 
 def benchmark(model_name, steps, quick, log, preset=None):
@@ -453,11 +458,9 @@ def two_expert_benchmark(model_name, steps, switch, log):
     log(f"{model_name} two experts, switch at {switch} of {steps}: the uncached pair against one uncached model over "
         f"all steps: PSNR {db(psnr(single_ref, ref))} dB")
     specs = [(cache, (cache, dict(defaults(cache), verbose=False))) for cache in HOST_CACHES]
-    layout = layout_of(setup)
     specs.append(("ModelCache", ("QuickstepModelCache", defaults("QuickstepModelCache"))))
-    if layout is not None:
-        specs.append(("BlockCache", ("QuickstepBlockCache", dict(defaults("QuickstepBlockCache"),
-                                                                  back_blocks=1 if len(layout) > 2 else 0))))
+    if layout_of(setup) is not None:
+        specs.append(("BlockCache", ("QuickstepBlockCache", block_cache_defaults(setup))))
     window = [switch + k for k in SWITCH_WINDOW]
     rows = []
     for label, spec in specs:
@@ -466,8 +469,8 @@ def two_expert_benchmark(model_name, steps, switch, log):
         single_x0 = expert_pair(setup, apply(setup.patcher, spec), None, steps, switch)[1]
         per_step = [psnr(a, b) for a, b in zip(x0, ref_x0)]
         single = [psnr(a, b) for a, b in zip(single_x0, ref_x0)]
-        others = sorted(p for i, p in enumerate(per_step) if i not in window and math.isfinite(p))
-        median = others[len(others) // 2] if others else math.inf
+        others = [p for i, p in enumerate(per_step) if i not in window and math.isfinite(p)]
+        median = statistics.median(others) if others else math.inf
         row = {"config": f"{label} (default), one per expert", "spec": spec, "compute_ratio": ref_flops / flops,
                "psnr": psnr(out, ref), "per_step_psnr": per_step, "single_per_step_psnr": single,
                "window_min": min(per_step[i] for i in window), "others_median": median,
