@@ -619,9 +619,10 @@ def test_daps_last_step_is_the_gaussian_posterior_mean(op):
     assert (chain - expected).abs().max() < 0.02 * expected.abs().max()
 
 
-def test_daps_particles_average_their_chains():
-    """K chains in one batch: with a denoiser that ignores its input every chain ends on the same posterior mean, so
-    their average is it; the model sees a K-fold batch."""
+@pytest.mark.parametrize("method", ["daps", "diffpir", "ddnm"])
+def test_particles_average_their_chains(method):
+    """K chains in one batch, for every method: with a denoiser that ignores its input every chain ends on the same
+    restoration, so their average is it; the model sees a K-fold batch."""
     op = operators.Inpaint(operators.random_mask(16, 16, 0.5))
     c = torch.randn(1, 1, 16, 16)
     y = op.forward(torch.randn(2, 1, 16, 16))
@@ -630,10 +631,10 @@ def test_daps_particles_average_their_chains():
     def denoiser(x, sigma, **kwargs):
         batches.append(x.shape[0])
         return c.expand_as(x).clone()
-    options = dict(operator=op, measurement=y, method="daps", daps_tau=0.0)
+    options = dict(operator=op, measurement=y, method=method, daps_tau=0.0, diffpir_zeta=1.0, eta=1.0)
     single = guidance.sample_restoration(denoiser, torch.randn(2, 1, 16, 16), torch.tensor([3.0, 1.0, 0.0]), **options)
     mean = guidance.sample_restoration(denoiser, torch.randn(2, 1, 16, 16), torch.tensor([3.0, 1.0, 0.0]),
-                                       daps_particles=3, **options)
+                                       particles=3, **options)
     assert batches == [2, 2, 6, 6] and mean.shape == (2, 1, 16, 16)
     assert torch.allclose(mean, single, atol=1e-5)
 
