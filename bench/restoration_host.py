@@ -21,7 +21,7 @@ Unconditional (the null digit), cfg 1: one model call per step for every sampler
 Models (`--model`): sd15 (the embedded pixel-space digit model, eps); sd15_unshuffle4 / sd15_unshuffle16 (the same
 network seen through an exact pixel-unshuffle "VAE": latents [B, 4, 16, 16] / [B, 16, 8, 8], the host's noise mask
 then works at latent resolution); or an architecture of the digit model zoo (modelzoo.digit_models: sdxl, sd3,
-flux, lumina2), where that module and its weights exist.
+flux, qwen_image (one-frame latents), lumina2), where that module and its weights exist.
 
 usage: python -m bench.restoration_host [--model sd15] [--tasks ...] [--calls 30] [--tune 6] [--samples 20]
 Writes bench/results/restoration_host_<model>.json and prints a markdown table.
@@ -71,7 +71,7 @@ class Prior:
 
     def __init__(self, name):
         from modelzoo import mnist_unet
-        self.name = name
+        self.name, self.single_frame = name, False
         if name == "sd15" or name.startswith("sd15_unshuffle"):
             channels = int(name[len("sd15_unshuffle"):]) if name != "sd15" else 1
             self.factor, self.scale = math.isqrt(channels), 1.0
@@ -87,8 +87,9 @@ class Prior:
                 raise SystemExit(f"--model {name}: modelzoo.digit_models (the digit model zoo) is not in this "
                                  "checkout; models here: sd15, sd15_unshuffle4, sd15_unshuffle16") from None
             arch = digit_models.architecture(name)
-            if arch.frames:
+            if arch.frames > 1:
                 raise SystemExit(f"--model {name}: video latents are not benchmarked")
+            self.single_frame = arch.frames == 1      # Qwen-Image: an image is a one-frame clip [B, C, 1, H, W]
             self.factor, self.scale = math.isqrt(arch.channels), digit_models.LATENT_SCALE[arch.channels]
             self.patcher = digit_models.load_digit_model(name)
             self.conditioning = digit_models.unconditional_conditioning
@@ -99,10 +100,16 @@ class Prior:
         return F.pixel_unshuffle(apply_model(pixels, args["timestep"], **args["c"]), self.factor)
 
     def encode(self, pixels):
-        return F.pixel_unshuffle(pixels, self.factor) * self.scale if self.factor > 1 else pixels.clone()
+        if self.factor == 1:
+            return pixels.clone()
+        latent = F.pixel_unshuffle(pixels, self.factor) * self.scale
+        return latent.unsqueeze(2) if self.single_frame else latent
 
     def decode(self, latent):
-        return F.pixel_shuffle(latent.float() / self.scale, self.factor) if self.factor > 1 else latent.float()
+        if self.factor == 1:
+            return latent.float()
+        latent = latent[:, :, 0] if self.single_frame else latent
+        return F.pixel_shuffle(latent.float() / self.scale, self.factor)
 
     def state_decoder(self):
         """Dec for the guided sampler: the sampler's state is the model's processed latent."""

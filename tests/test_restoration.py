@@ -757,3 +757,22 @@ def test_restore_image_bad_inputs(inproc, host_base):
                                              image=torch.rand(1, 256, 256, 3)))
     after = _state(digit)
     assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
+
+
+def test_restore_image_averages_chains_only_over_far_holes(inproc):
+    """Inpainting averages chains where content must be invented (a half-image box: the measured winner) and not
+    over random pixels or thin strokes (where one chain won): a hole pixel's distance to the known ones decides."""
+    import sys
+
+    import nodes
+    restoration = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepRestoreImage"].__module__]
+    box, random, strokes = (m[None, None] for m in (operators.box_mask(32, 32, 0.5, "bottom"),
+                                                     operators.random_mask(32, 32, 0.5, seed=0),
+                                                     operators.stroke_mask(32, 32, seed=0)))
+    assert restoration.has_far_hole(box) and not restoration.has_far_hole(random)
+    assert not restoration.has_far_hole(strokes)
+    four_rows = torch.ones(1, 1, 32, 32)
+    four_rows[..., 28:, :] = 0              # 4 px from the known rows: at the limit (32 / 8), not beyond it
+    assert not restoration.has_far_hole(four_rows)
+    four_rows[..., 27:, :] = 0
+    assert restoration.has_far_hole(four_rows)
