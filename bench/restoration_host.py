@@ -21,7 +21,7 @@ Unconditional (the null digit), cfg 1: one model call per step for every sampler
 Models (`--model`): sd15 (the embedded pixel-space digit model, eps); sd15_unshuffle4 / sd15_unshuffle16 (the same
 network seen through an exact pixel-unshuffle "VAE": latents [B, 4, 16, 16] / [B, 16, 8, 8], the host's noise mask
 then works at latent resolution); or an architecture of the digit model zoo (modelzoo.digit_models: sdxl, sd3,
-flux, lumina2), where that module and its weights exist.
+flux, qwen_image (one-frame latents), lumina2), where that module and its weights exist.
 
 usage: python -m bench.restoration_host [--model sd15] [--tasks ...] [--calls 30] [--tune 6] [--samples 20]
 Writes bench/results/restoration_host_<model>.json and prints a markdown table.
@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ SIZE = 32
 DENOISE = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)      # euler; euler_ancestral at the upper half
 MASK_DENOISE = (0.85, 1.0)
 HOST_SAMPLERS = ("euler", "euler_ancestral")
-DAPS_PARTICLES = (1,)       # chains averaged (each gets calls / particles steps); 3 measured worse on SR x4
+PARTICLES = (1, 2, 4)       # chains averaged, each with calls / particles steps: a tuned setting of every method
 TASKS = ("sr_x2", "sr_x4", "inpaint_box50", "inpaint_random50", "inpaint_strokes", "deblur_g2_noisy", "jpeg_q20")
 
 
@@ -70,7 +71,7 @@ class Prior:
 
     def __init__(self, name):
         from modelzoo import mnist_unet
-        self.name = name
+        self.name, self.single_frame = name, False
         if name == "sd15" or name.startswith("sd15_unshuffle"):
             channels = int(name[len("sd15_unshuffle"):]) if name != "sd15" else 1
             self.factor, self.scale = math.isqrt(channels), 1.0
@@ -86,8 +87,9 @@ class Prior:
                 raise SystemExit(f"--model {name}: modelzoo.digit_models (the digit model zoo) is not in this "
                                  "checkout; models here: sd15, sd15_unshuffle4, sd15_unshuffle16") from None
             arch = digit_models.architecture(name)
-            if arch.frames:
+            if arch.frames > 1:
                 raise SystemExit(f"--model {name}: video latents are not benchmarked")
+            self.single_frame = arch.frames == 1      # Qwen-Image: an image is a one-frame clip [B, C, 1, H, W]
             self.factor, self.scale = math.isqrt(arch.channels), digit_models.LATENT_SCALE[arch.channels]
             self.patcher = digit_models.load_digit_model(name)
             self.conditioning = digit_models.unconditional_conditioning
@@ -98,10 +100,16 @@ class Prior:
         return F.pixel_unshuffle(apply_model(pixels, args["timestep"], **args["c"]), self.factor)
 
     def encode(self, pixels):
-        return F.pixel_unshuffle(pixels, self.factor) * self.scale if self.factor > 1 else pixels.clone()
+        if self.factor == 1:
+            return pixels.clone()
+        latent = F.pixel_unshuffle(pixels, self.factor) * self.scale
+        return latent.unsqueeze(2) if self.single_frame else latent
 
     def decode(self, latent):
-        return F.pixel_shuffle(latent.float() / self.scale, self.factor) if self.factor > 1 else latent.float()
+        if self.factor == 1:
+            return latent.float()
+        latent = latent[:, :, 0] if self.single_frame else latent
+        return F.pixel_shuffle(latent.float() / self.scale, self.factor)
 
     def state_decoder(self):
         """Dec for the guided sampler: the sampler's state is the model's processed latent."""
@@ -129,8 +137,7 @@ def host_candidates(task):
 
 
 def our_candidates(task, methods):
-    table = {"daps": [{"daps_prior_std": 1.0, "daps_tau": t, "daps_particles": k} for t in (0.01, 0.05)
-                      for k in DAPS_PARTICLES],
+    table = {"daps": [{"daps_prior_std": 1.0, "daps_tau": t} for t in (0.01, 0.05)],
              "pigdm": [{"eta": 1.0}], "diffpir": [{"diffpir_zeta": 1.0}], "ddnm": [{"eta": 1.0}],
              "dps": [{"eta": 1.0}], "reddiff": [{}]}
     out = []
@@ -140,9 +147,7 @@ def our_candidates(task, methods):
         for options in table[method]:
             if task == "jpeg_q20" and method == "daps":
                 options = dict(options, daps_tau=max(options["daps_tau"], 0.01))
-            particles = options.get("daps_particles", 1)
-            family = f"{method}_mean_of_{particles}" if particles > 1 else method
-            out.append((family, dict(options, method=method)))
+            out.extend((method, dict(options, method=method, particles=k)) for k in PARTICLES)
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
@@ -188,7 +193,7 @@ class Runner:
         noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(0))
         cond = prior.conditioning(batch)
         calls = CallCounter(prior.patcher)
-        particles = options.get("daps_particles", 1)
+        particles = options.get("particles", 1)
         out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, self.sigmas(self.calls // particles),
                                          cond, cond, empty, disable_pbar=True, seed=0)
         return prior.decode(out).cpu(), calls.count * particles     # each call evaluates every particle
@@ -244,12 +249,14 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=20, help="held-out digits")
     parser.add_argument("--ours", nargs="+", default=["daps", "diffpir"], help="Restoration Sampler methods to run")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--base", default=str(HOST_DIR / "benchbase"),
+                        help="the host's base directory (custom_nodes linked to this checkout)")
     args = parser.parse_args(argv)
 
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
-    InProcessHost(HOST_DIR / "benchbase")
+    InProcessHost(Path(args.base))
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
     torch.set_grad_enabled(False)

@@ -363,13 +363,30 @@ class QuickstepRestorationSampler(io.ComfyNode):
 RESTORE_TASKS = ("super_resolution_x2", "super_resolution_x4", "inpaint", "deblur", "colorize")
 # Method and settings per task, chosen on tuning digits (bench/restoration_host.py; README "Restoration") at 30
 # model calls on a karras schedule of the model's whole range: without a VAE (the operator on the state itself)
-# DiffPIR with all-fresh noise (zeta 1) was best on x4 SR, box inpainting and noisy deblurring; through a
-# VAE's decoder only the gradient-free-in-the-model DAPS qualifies (DiffPIR's data step needs the operator on the
-# state). Measured and not taken for DAPS: ending the annealing early and returning that level's posterior mean
-# (-1.5 to -2.8 dB on x4 SR), averaging 2-5 chains within the same calls (-0.0 to -1.2 dB).
+# DiffPIR with all-fresh noise (zeta 1) was best on x2 / x4 SR, inpainting and noisy deblurring; through a VAE's
+# decoder only the gradient-free-in-the-model DAPS qualifies (DiffPIR's data step needs the operator on the state).
+# `particles` chains share the calls and are averaged (the posterior mean, what PSNR rewards): 2 won on x2 / x4 SR
+# and, for DAPS on the latent digit models, on x4 SR; 1 on deblurring. Inpainting depends on the hole: averaging
+# won on a half-image box (2 chains for DiffPIR, 4 for DAPS) and lost on random pixels and thin strokes, whose
+# posterior is narrow, so FAR_HOLE_PARTICLES applies only where a hole pixel lies farther than FAR_HOLE of the
+# image's smaller side from every known pixel.
 DIFFPIR_FRESH = dict(method="diffpir", diffpir_zeta=1.0)
 DAPS_DEFAULT = dict(method="daps", daps_prior_std=1.0, daps_tau=0.01)
-RESTORE_DEFAULTS = {task: DIFFPIR_FRESH for task in RESTORE_TASKS}     # x2 SR and colorize: not measured
+RESTORE_DEFAULTS = {"super_resolution_x2": dict(DIFFPIR_FRESH, particles=2),
+                    "super_resolution_x4": dict(DIFFPIR_FRESH, particles=2),
+                    "inpaint": DIFFPIR_FRESH, "deblur": DIFFPIR_FRESH, "colorize": DIFFPIR_FRESH}  # colorize: not measured
+VAE_DEFAULTS = dict({task: DAPS_DEFAULT for task in RESTORE_TASKS},                    # x2 SR, colorize: not measured
+                    super_resolution_x4=dict(DAPS_DEFAULT, particles=2))
+FAR_HOLE = 1 / 8
+FAR_HOLE_PARTICLES = {"diffpir": 2, "daps": 4}
+
+
+def has_far_hole(keep):
+    """Whether some unknown pixel of the mask `keep` [B, 1, H, W] (1 = known) is more than FAR_HOLE of the smaller
+    side (Chebyshev distance) from every known pixel: content to invent rather than interpolate."""
+    radius = max(1, int(FAR_HOLE * min(keep.shape[-2:])))
+    near_known = torch.nn.functional.max_pool2d(keep, 2 * radius + 1, stride=1, padding=radius)
+    return bool(((keep < 0.5) & (near_known < 0.5)).any())
 
 
 def _vae_compression(vae):
@@ -421,7 +438,8 @@ class QuickstepRestoreImage(io.ComfyNode):
                                            "version is the input."),
                     io.Int.Input("model_calls", default=30, min=2, max=200,
                                  tooltip="Model calls per image: the cost. With cfg 1 one call per step, otherwise "
-                                         "two (so steps = model_calls / 2)."),
+                                         "two (so steps = model_calls / 2); where the task averages several "
+                                         "chains, they share these calls."),
                     io.Float.Input("noise_level", default=0.0, min=0.0, max=1.0, step=0.005,
                                    tooltip="Std of the noise in the degraded image, in 0-1 pixel units (0: clean "
                                            "measurement, fitted exactly)."),
@@ -515,9 +533,13 @@ class QuickstepRestoreImage(io.ComfyNode):
                 op.check_measurement(tuple(y.shape), (batch, image_channels, out_h, out_w))
         except operators.OperatorError as error:
             raise QuickstepInputError(label, str(error)) from None
-        steps = model_calls if cfg == 1.0 else max(1, model_calls // 2)
+        options = dict((RESTORE_DEFAULTS if vae is None else VAE_DEFAULTS)[task], operator=op, measurement=y)
+        if keep is not None and has_far_hole(keep):
+            options["particles"] = FAR_HOLE_PARTICLES[options["method"]]
+        # every step evaluates each chain (and with cfg > 1 the negative too): the calls are shared out
+        calls_per_chain = model_calls // options.get("particles", 1)
+        steps = max(1, calls_per_chain if cfg == 1.0 else calls_per_chain // 2)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps).cpu()
-        options = dict(RESTORE_DEFAULTS[task] if vae is None else DAPS_DEFAULT, operator=op, measurement=y)
         try:
             guidance.validate(**options)
         except ValueError as error:

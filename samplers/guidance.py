@@ -47,11 +47,9 @@ Methods and what one step costs:
            (y + tau e2 - A z), the operator's gram_solve) instead of the paper's Langevin chain; otherwise
            (JPEG, a decoder) `daps_langevin_steps` Langevin steps on U = ||y - A(Dec(x0))||^2 / (2 tau^2)
            + ||x0 - x0_hat||^2 / (2 r^2), step `strength` * 0.5 min(tau^2 / ||J||^2, r^2), ||J|| the gain of
-           x0 -> A(Dec(x0)) by power iteration once per run (back-propagating through A and the decoder only).  The last step returns the posterior mean (no sampling noise: what PSNR rewards).
-           `daps_particles` = K > 1 runs K chains on the batch (the extra ones from fresh noise at the first sigma)
-           and returns the mean of their final posterior means: an estimate of E[x0 | y], the PSNR-optimal answer,
-           where one chain gives one sample; K model evaluations per image per step (the host batches them).
-           One model call per step, no autograd through the model.
+           x0 -> A(Dec(x0)) by power iteration once per run (back-propagating through A and the decoder only).
+           The last step returns the posterior mean (no sampling noise: what PSNR rewards).  One model call per
+           step, no autograd through the model.
   reddiff  RED-diff: Adam on an image mu (init A^+ y; y itself for JPEG; the first denoised estimate with a
            decoder) over the descending sigmas: L = 1/2 mean(||y - A(mu)||^2)
            + lambda s mean(sg(eps_hat - eps) * mu), eps_hat from x = mu + s eps.  One model call, the backward
@@ -61,6 +59,11 @@ Methods and what one step costs:
 ignored by ddnm and repaint.  Gradient methods run under torch.inference_mode(False) + enable_grad (the host runs
 nodes in inference mode, spec 0.5): the state is cloned into a normal tensor each step and the graph is freed after
 the step's backward pass, so memory does not grow with the step count.
+
+`particles` = K > 1 (every method) runs K chains side by side in the batch (the extra ones from fresh noise at the
+first sigma) and returns the mean of their results: an estimate of E[x0 | y], the PSNR-optimal answer, where one
+chain gives one sample of a posterior that is wide when much is unknown (half a digit); each step then costs K model
+evaluations per image (the host batches them), so at a fixed budget each chain gets 1/K of the steps.
 
 Step methods accept time travel / RePaint resampling: after every `jump_length` steps the state is re-noised back up
 `jump_length` steps (marginal-preserving, spec 0.4) and those steps are redone, `resample_count` times in all.
@@ -105,7 +108,7 @@ class GuidanceDiverged(FloatingPointError):
 def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
              strength=1.0, learning_rate=REDDIFF_LR, decoder=None, diffpir_lambda=DIFFPIR_LAMBDA,
              diffpir_zeta=DIFFPIR_ZETA, daps_tau=DAPS_TAU, daps_prior_std=DAPS_PRIOR_STD,
-             daps_langevin_steps=DAPS_LANGEVIN_STEPS, daps_particles=1):
+             daps_langevin_steps=DAPS_LANGEVIN_STEPS, particles=1):
     if not isinstance(operator, Operator):
         raise ValueError(f"option operator must be a Quickstep degradation operator, got {type(operator).__name__}")
     if not torch.is_tensor(measurement) or measurement.dim() != 4:
@@ -132,7 +135,7 @@ def validate(operator=None, measurement=None, method="ddnm", eta=0.85, jump_leng
     check_float("daps_tau", daps_tau, 0.0, 10.0)
     check_float("daps_prior_std", daps_prior_std, 0.0, 1e3, low_open=True)
     check_int("daps_langevin_steps", daps_langevin_steps, 1, 1000)
-    check_int("daps_particles", daps_particles, 1, 64)
+    check_int("particles", particles, 1, 64)
 
 
 def travel_plan(n_steps, jump_length=1, resample_count=1):
@@ -266,7 +269,7 @@ def _restore(model, x, sigmas, extra_args=None, callback=None, disable=None, ope
              measurement=None, method="ddnm", eta=0.85, jump_length=1, resample_count=1, seed=None,
              strength=1.0, learning_rate=REDDIFF_LR, decoder=None, diffpir_lambda=DIFFPIR_LAMBDA,
              diffpir_zeta=DIFFPIR_ZETA, daps_tau=DAPS_TAU, daps_prior_std=DAPS_PRIOR_STD,
-             daps_langevin_steps=DAPS_LANGEVIN_STEPS, daps_particles=1):
+             daps_langevin_steps=DAPS_LANGEVIN_STEPS, particles=1):
     extra_args = {} if extra_args is None else extra_args
     label = METHOD_LABELS.get(method, method)
     if decoder is None:
@@ -278,8 +281,7 @@ def _restore(model, x, sigmas, extra_args=None, callback=None, disable=None, ope
     seed = extra_args.get("seed", 0) if seed is None else seed
     generator = torch.Generator(device=x.device).manual_seed(int(seed) + 7919)
 
-    particles = daps_particles if method == "daps" else 1
-    if particles > 1:       # K DAPS chains side by side: the batch and the measurement grow K-fold
+    if particles > 1:       # K chains side by side: the batch and the measurement grow K-fold
         if isinstance(operator, Inpaint) and operator.mask.shape[0] == x.shape[0] > 1:
             operator = Inpaint(operator.mask.repeat(particles, 1, 1, 1), operator.sigma_y)
         y = y.repeat(particles, *([1] * (y.dim() - 1)))
@@ -294,12 +296,21 @@ def _restore(model, x, sigmas, extra_args=None, callback=None, disable=None, ope
     s_in = x.new_ones([x.shape[0]])
     sig = [float(s) for s in sigmas]
     if method == "reddiff":
-        return _red_diff(model, x, sig, extra_args, callback, guide, frame, noise, s_in, strength, learning_rate)
-    if method == "daps":
+        out = _red_diff(model, x, sig, extra_args, callback, guide, frame, noise, s_in, strength, learning_rate)
+    elif method == "daps":
         posterior = _DapsPosterior(guide, max(operator.sigma_y, daps_tau), daps_prior_std, daps_langevin_steps,
                                    strength, noise)
         out = _daps(model, x, sig, sigmas, extra_args, callback, guide, frame, noise, s_in, posterior)
-        return out.unflatten(0, (particles, -1)).mean(0)
+    else:
+        out = _steps(model, x, sig, sigmas, extra_args, callback, guide, frame, noise, s_in, method, eta,
+                     jump_length, resample_count, strength, diffpir_lambda, diffpir_zeta)
+    return out.unflatten(0, (particles, -1)).mean(0)
+
+
+def _steps(model, x, sig, sigmas, extra_args, callback, guide, frame, noise, s_in, method, eta, jump_length,
+           resample_count, strength, diffpir_lambda, diffpir_zeta):
+    """The one-call-per-step methods (DDNM+, DiffPIR, RePaint, PiGDM, DPS) with time travel."""
+    operator, y = guide.operator, guide.y
 
     # the noise A^+ y carries: sigma_y times A^+'s largest gain (1 for masks, block averages, grayscale)
     sigma_y = operator.sigma_y * operator.pinv_noise_gain if method in ("ddnm", "repaint") else 0.0

@@ -619,9 +619,10 @@ def test_daps_last_step_is_the_gaussian_posterior_mean(op):
     assert (chain - expected).abs().max() < 0.02 * expected.abs().max()
 
 
-def test_daps_particles_average_their_chains():
-    """K chains in one batch: with a denoiser that ignores its input every chain ends on the same posterior mean, so
-    their average is it; the model sees a K-fold batch."""
+@pytest.mark.parametrize("method", ["daps", "diffpir", "ddnm"])
+def test_particles_average_their_chains(method):
+    """K chains in one batch, for every method: with a denoiser that ignores its input every chain ends on the same
+    restoration, so their average is it; the model sees a K-fold batch."""
     op = operators.Inpaint(operators.random_mask(16, 16, 0.5))
     c = torch.randn(1, 1, 16, 16)
     y = op.forward(torch.randn(2, 1, 16, 16))
@@ -630,10 +631,10 @@ def test_daps_particles_average_their_chains():
     def denoiser(x, sigma, **kwargs):
         batches.append(x.shape[0])
         return c.expand_as(x).clone()
-    options = dict(operator=op, measurement=y, method="daps", daps_tau=0.0)
+    options = dict(operator=op, measurement=y, method=method, daps_tau=0.0, diffpir_zeta=1.0, eta=1.0)
     single = guidance.sample_restoration(denoiser, torch.randn(2, 1, 16, 16), torch.tensor([3.0, 1.0, 0.0]), **options)
     mean = guidance.sample_restoration(denoiser, torch.randn(2, 1, 16, 16), torch.tensor([3.0, 1.0, 0.0]),
-                                       daps_particles=3, **options)
+                                       particles=3, **options)
     assert batches == [2, 2, 6, 6] and mean.shape == (2, 1, 16, 16)
     assert torch.allclose(mean, single, atol=1e-5)
 
@@ -756,3 +757,22 @@ def test_restore_image_bad_inputs(inproc, host_base):
                                              image=torch.rand(1, 256, 256, 3)))
     after = _state(digit)
     assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
+
+
+def test_restore_image_averages_chains_only_over_far_holes(inproc):
+    """Inpainting averages chains where content must be invented (a half-image box: the measured winner) and not
+    over random pixels or thin strokes (where one chain won): a hole pixel's distance to the known ones decides."""
+    import sys
+
+    import nodes
+    restoration = sys.modules[nodes.NODE_CLASS_MAPPINGS["QuickstepRestoreImage"].__module__]
+    box, random, strokes = (m[None, None] for m in (operators.box_mask(32, 32, 0.5, "bottom"),
+                                                     operators.random_mask(32, 32, 0.5, seed=0),
+                                                     operators.stroke_mask(32, 32, seed=0)))
+    assert restoration.has_far_hole(box) and not restoration.has_far_hole(random)
+    assert not restoration.has_far_hole(strokes)
+    four_rows = torch.ones(1, 1, 32, 32)
+    four_rows[..., 28:, :] = 0              # 4 px from the known rows: at the limit (32 / 8), not beyond it
+    assert not restoration.has_far_hole(four_rows)
+    four_rows[..., 27:, :] = 0
+    assert restoration.has_far_hole(four_rows)
