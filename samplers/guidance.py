@@ -428,21 +428,23 @@ class _DapsPosterior:
         return self.guide.operator.forward(self.guide.pixels(x).float())
 
     def _gain2(self, x0_hat):
-        """||J||^2 of x0 -> A(Dec(x0)) at x0_hat (power iteration: J v by a finite difference, J^T u by autograd),
-        measured once per run: the Langevin step must shrink with it (a VAE decoder spreads one latent value over
-        many pixels)."""
+        """||J||^2 of x0 -> A(Dec(x0)) at x0_hat (power iteration on J^T J, both products by autograd: J v as the
+        derivative of J^T u in u), measured once per run: the Langevin step must shrink with it (a VAE decoder
+        spreads one latent value over many pixels). Not by a finite difference: the JPEG codec rounds in its forward
+        pass, so a difference across a rounding step reads a gain hundreds of times too large, and the more pixels
+        a batch holds the likelier such a step is: the Langevin step then depended on the batch size."""
         if getattr(self, "gain2", None) is None:
             with _autograd():
-                x = _normal(x0_hat).detach().float()
+                x = _normal(x0_hat).detach().float().requires_grad_(True)
+                measured = self._measure(x)
+                u = torch.zeros_like(measured, requires_grad=True)
+                (jt_u,) = torch.autograd.grad(measured, x, grad_outputs=u, create_graph=True)
                 v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)
-                base, h, gain2 = self._measure(x).detach(), 1e-2, 1.0
                 for _ in range(3):
                     v = v / v.norm()
-                    jv = (self._measure(x + h * v).detach() - base) / h
-                    x_in = x.clone().requires_grad_(True)
-                    (v,) = torch.autograd.grad(self._measure(x_in), x_in, grad_outputs=jv)
-                    gain2 = float(v.norm())
-            self.gain2 = max(gain2, 1e-6)
+                    (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)
+                    (v,) = torch.autograd.grad(measured, x, grad_outputs=jv, retain_graph=True)
+            self.gain2 = max(float(v.norm()), 1e-6)
         return self.gain2
 
     def _langevin(self, x0_hat, r2, mean_only, i, sigma):
