@@ -4,8 +4,9 @@ ratio to the sampler's best stock schedule.
 
 Rows per NFE budget:
 - best stock: the best of the host's scheduler list (the pack's own qs_ schedulers left out) on the evaluation
-  noises themselves, an optimistic baseline; every stock schedule is also run with the host's own dpmpp_2m, whose
-  best is a row too (the host at its best with its own sampler);
+  noises themselves, an optimistic baseline;
+- the host at its best: every stock schedule also with the host's own samplers of HOST_SAMPLERS, the best pair
+  (picked on the evaluation noises too) a row;
 - the host's published tables that fit the model (AYS SD1 and GITS coeff 1.20 for an EPS model with the SD1.5
   sigma range; OSS FLUX / Wan / Chroma for flow models), through the host's own scheduler nodes;
 - qs_dmn (data-free, order 2);
@@ -19,7 +20,8 @@ calls and no more error; host points need no optimization time.
 
 usage: python -m bench.schedules [--families eps flow digits digits-flow digits-<architecture> ...]
                                 [--nfe 4 5 6] [--samples 64] [--sampler qs_dpmpp_2m] [--trajectories 32]
-                                [--methods nelder-mead oss gits ays] [--reference-steps 500] [--base DIR]
+                                [--methods nelder-mead oss gits ays] [--host-samplers ...] [--reference-steps 500]
+                                [--base DIR]
 Writes bench/results/schedules.json and prints one markdown table per model.
 """
 import argparse
@@ -33,7 +35,12 @@ from bench.protocol import TEST_SEED, TUNING_SEED, split_label
 from bench.solvers import RESULTS, family_case, schedule, start_host
 
 OPTIMIZERS = ("nelder-mead", "oss", "gits", "ays")
-HOST_SAMPLER = "dpmpp_2m"     # the host's own DPM-Solver++(2M), beside the sampler under test
+# The host's own samplers beside the sampler under test: its DPM-Solver++(2M), and those that were the host's best
+# pair at 4-8 calls in bench.solvers' sweep of all 22 host samplers on the trained DiTs (README, "Solvers on a
+# trained DiT") or on the SD1.5 digit UNets (gradient_estimation). One model call per step each; the calls are
+# counted all the same.
+HOST_SAMPLERS = ("dpmpp_2m", "ipndm", "deis", "gradient_estimation", "dpmpp_2m_sde_heun(eta=0)",
+                 "dpmpp_2m_sde_midpoint(eta=0)")
 
 
 def pack_module(base, name):
@@ -58,7 +65,8 @@ def host_tables(model_sampling, flow, steps):
 
 
 def stock_errors(case, sampler_name, steps):
-    """{scheduler: error} of every host scheduler (qs_ ones left out) that makes `steps` steps from sigma_max."""
+    """{scheduler: (error, counted model calls)} of every host scheduler (qs_ ones left out) that makes `steps`
+    steps from sigma_max."""
     import comfy.samplers
     sigma_max = float(case.model.get_model_object("model_sampling").sigma_max)
     found = {}
@@ -71,13 +79,20 @@ def stock_errors(case, sampler_name, steps):
             continue
         if float(sigmas[0]) < 0.999 * sigma_max or (sigmas[:-1] <= 0).any():
             continue
-        found[scheduler] = case.error(sampler_name, sigmas)[0]
+        found[scheduler] = case.error(sampler_name, sigmas)
     return found
 
 
-def best_of(errors):
-    name = min(errors, key=errors.get)
-    return {"error": errors[name], "schedule": name}
+def host_points(case, samplers, steps):
+    """[{"sampler", "schedule", "error", "nfe"}] of every stock schedule of `steps` steps with each sampler."""
+    return [{"sampler": sampler, "schedule": name, "error": error, "nfe": calls}
+            for sampler in samplers for name, (error, calls) in stock_errors(case, sampler, steps).items()]
+
+
+def best_of(points, with_sampler):
+    best = min(points, key=lambda p: p["error"])
+    return {"error": best["error"],
+            "schedule": f"{best['sampler']} / {best['schedule']}" if with_sampler else best["schedule"]}
 
 
 def optimized(nodes_schedules, case, flow, method, steps, trajectories, seed):
@@ -91,27 +106,26 @@ def optimized(nodes_schedules, case, flow, method, steps, trajectories, seed):
                                             trajectories, seed, optimize)
 
 
-def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTIMIZERS, training_seed=TUNING_SEED):
+def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTIMIZERS, training_seed=TUNING_SEED,
+              host_samplers=HOST_SAMPLERS):
     """{nfe: {"rows": {row name: {"error", "ratio", "schedule" (best stock rows) / "optimize_s" and "sigmas"
-    (optimizers) / "note"}}, "host": [host points: {"sampler", "schedule", "error", "note"?}]}}"""
+    (optimizers) / "note"}}, "host": [host points: {"sampler", "schedule", "error", "nfe", "note"?}]}}"""
     model_sampling = case.model.get_model_object("model_sampling")
     nodes_schedules = pack_module(base, "nodes.schedules")
     flow = nodes_schedules.is_flow(model_sampling)
     table = {}
     for nfe in budgets:
-        stock = stock_errors(case, sampler_name, nfe)
-        host_stock = stock_errors(case, HOST_SAMPLER, nfe)
-        host = [{"sampler": sampler, "schedule": name, "error": error}
-                for sampler, errors in ((sampler_name, stock), (HOST_SAMPLER, host_stock))
-                for name, error in errors.items()]
-        rows = {"best stock": best_of(stock), f"host {HOST_SAMPLER}, best stock": best_of(host_stock)}
+        stock = host_points(case, [sampler_name], nfe)
+        host = stock + host_points(case, host_samplers, nfe)
+        rows = {"best stock": best_of(stock, False), "host's best pair": best_of(host[len(stock):], True)}
         tables = host_tables(model_sampling, flow, nfe)
         for name, sigmas in {**tables, "qs_dmn": schedule(case.model, "qs_dmn", nfe)}.items():
-            rows[name] = {"error": case.error(sampler_name, sigmas)[0]}
+            error, calls = case.error(sampler_name, sigmas)
+            rows[name] = {"error": error}
             if float(sigmas[0]) < 0.999 * float(model_sampling.sigma_max):   # an easier problem: say so
                 rows[name]["note"] = f"starts at {float(sigmas[0]):.4g}"
             if name in tables:
-                host.append({"sampler": sampler_name, "schedule": name, **rows[name]})
+                host.append({"sampler": sampler_name, "schedule": name, "nfe": calls, **rows[name]})
         for method in methods:
             t0 = time.perf_counter()
             sigmas, _ = optimized(nodes_schedules, case, flow, method, nfe, trajectories, training_seed)
@@ -129,8 +143,8 @@ def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTI
 def dominating(table, nfe, error):
     """The host points that are at least as good as `error` at `nfe` on both axes: no more model calls, no more
     error (they cost no optimization time), fewest calls first, then lowest error."""
-    found = [dict(point, nfe=n) for n, entry in table.items() if n <= nfe
-             for point in entry["host"] if point["error"] <= error]
+    found = [point for entry in table.values() for point in entry["host"]
+             if point["nfe"] <= nfe and point["error"] <= error]
     return sorted(found, key=lambda p: (p["nfe"], p["error"]))
 
 
@@ -188,6 +202,7 @@ def main(argv=None):
     parser.add_argument("--trajectories", type=int, default=32, help="training noises (the node's default)")
     parser.add_argument("--methods", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     parser.add_argument("--reference-steps", type=int, default=500, help="the digit models' 2M reference steps")
+    parser.add_argument("--host-samplers", nargs="+", default=list(HOST_SAMPLERS))
     parser.add_argument("--base", default=None, help="the host's base folder (default: bench.solvers')")
     parser.add_argument("--out", default=str(RESULTS / "schedules.json"))
     args = parser.parse_args(argv)
@@ -200,7 +215,8 @@ def main(argv=None):
         if case is None:
             print(f"skipping {family}: no trained weights")
             continue
-        results[case.name] = benchmark(case, base, args.sampler, args.nfe, args.trajectories, print, args.methods)
+        results[case.name] = benchmark(case, base, args.sampler, args.nfe, args.trajectories, print, args.methods,
+                                       host_samplers=args.host_samplers)
         walls[case.name] = time.time() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
