@@ -22,7 +22,8 @@ usage: python -m bench.schedules [--families eps flow digits digits-flow digits-
                                 [--nfe 4 5 6] [--samples 64] [--sampler qs_dpmpp_2m] [--trajectories 32]
                                 [--methods nelder-mead oss gits ays] [--host-samplers ...] [--reference-steps 500]
                                 [--base DIR]
-Writes bench/results/schedules.json and prints one markdown table per model.
+Writes bench/results/schedules.json and prints one markdown table per model (`--render JSON` prints those of a
+saved run).
 """
 import argparse
 import json
@@ -41,6 +42,7 @@ OPTIMIZERS = ("nelder-mead", "oss", "gits", "ays")
 # counted all the same.
 HOST_SAMPLERS = ("dpmpp_2m", "ipndm", "deis", "gradient_estimation", "dpmpp_2m_sde_heun(eta=0)",
                  "dpmpp_2m_sde_midpoint(eta=0)")
+BEST_PAIR = "host's best pair"
 
 
 def pack_module(base, name):
@@ -117,7 +119,7 @@ def benchmark(case, base, sampler_name, budgets, trajectories, log, methods=OPTI
     for nfe in budgets:
         stock = host_points(case, [sampler_name], nfe)
         host = stock + host_points(case, host_samplers, nfe)
-        rows = {"best stock": best_of(stock, False), "host's best pair": best_of(host[len(stock):], True)}
+        rows = {"best stock": best_of(stock, False), BEST_PAIR: best_of(host[len(stock):], True)}
         tables = host_tables(model_sampling, flow, nfe)
         for name, sigmas in {**tables, "qs_dmn": schedule(case.model, "qs_dmn", nfe)}.items():
             error, calls = case.error(sampler_name, sigmas)
@@ -149,8 +151,13 @@ def dominating(table, nfe, error):
 
 
 def dominance_lines(table, methods):
-    """Per optimizer, whether a host point dominates it at each budget (section 5 of bench/README.md)."""
+    """Per optimizer, its error as a ratio to the host's best pair and whether a host point dominates it at each
+    budget (section 5 of bench/README.md)."""
     lines = []
+    for method in methods:
+        lines.append(f"- {method} / the host's best pair: " + " / ".join(
+            f"{entry['rows'][method]['error'] / entry['rows'][BEST_PAIR]['error']:.2f}x" for entry in table.values()
+            if method in entry["rows"]))
     for method in methods:
         cells = []
         for nfe, entry in table.items():
@@ -168,7 +175,7 @@ def dominance_lines(table, methods):
     return lines
 
 
-def markdown(case_name, table, sampler_name, samples, methods):
+def markdown(case_name, table, sampler_name, samples):
     lines = [f"**{case_name}** ({split_label(case_name)} model), {sampler_name}, {samples} evaluation noises: error "
              "(ratio to the best stock schedule; optimization seconds)", "",
              "| schedule | " + " | ".join(f"{n} NFE" for n in table) + " |", "|---|" + "---|" * len(table)]
@@ -190,6 +197,7 @@ def markdown(case_name, table, sampler_name, samples, methods):
             note = f", {v['note']}" if "note" in v else ""
             cells.append(f"{v['error']:.4f} ({v['ratio']:.2f}x{extra}{note})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    methods = [name for name in names if any("optimize_s" in entry["rows"].get(name, {}) for entry in table.values())]
     return "\n".join(lines + [""] + dominance_lines(table, methods))
 
 
@@ -205,7 +213,15 @@ def main(argv=None):
     parser.add_argument("--host-samplers", nargs="+", default=list(HOST_SAMPLERS))
     parser.add_argument("--base", default=None, help="the host's base folder (default: bench.solvers')")
     parser.add_argument("--out", default=str(RESULTS / "schedules.json"))
+    parser.add_argument("--render", metavar="JSON", help="print the tables of a saved run instead of running")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        for name, table in saved["results"].items():
+            table = {int(nfe): entry for nfe, entry in table.items()}
+            print(markdown(name, table, saved["sampler"], saved["samples"]), "\n")
+        return
 
     base = start_host(args.base)
     results, walls, t0 = {}, {}, time.time()
@@ -224,7 +240,7 @@ def main(argv=None):
                    "test_seed": TEST_SEED, "training_seed": TUNING_SEED, "results": results, "wall_s": walls},
                   f, indent=1)
     for name, table in results.items():
-        print(markdown(name, table, args.sampler, args.samples, args.methods), "\n")
+        print(markdown(name, table, args.sampler, args.samples), "\n")
     print("wall seconds per model: " + ", ".join(f"{name} {s:.0f}" for name, s in walls.items())
           + f"; {time.time() - t0:.0f} in all")
 
