@@ -37,8 +37,8 @@ from bench.solvers import RESULTS, family_case, schedule, start_host
 
 OPTIMIZERS = ("nelder-mead", "oss", "gits", "ays")
 # The host's own samplers beside the sampler under test: its DPM-Solver++(2M), and those that were the host's best
-# pair at 4-8 calls in bench.solvers' sweep of all 22 host samplers on the trained DiTs (README, "Solvers on a
-# trained DiT") or on the SD1.5 digit UNets (gradient_estimation). One model call per step each; the calls are
+# pair at 4-8 calls in the sweeps of all 22 host samplers on the trained DiTs (README, "Solvers on a trained DiT"
+# and "Learned solver on the trained DiTs") or on the SD1.5 digit UNets (gradient_estimation). One model call per step each; the calls are
 # counted all the same.
 HOST_SAMPLERS = ("dpmpp_2m", "ipndm", "deis", "gradient_estimation", "dpmpp_2m_sde_heun(eta=0)",
                  "dpmpp_2m_sde_midpoint(eta=0)")
