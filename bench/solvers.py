@@ -184,11 +184,12 @@ def digits_case(samples, family="digits", reference_steps=500, seed=TEST_SEED):
     return Case(family, model, positive, negative, 2.0, noise, reference, latent=latent)
 
 
-def start_host():
-    """Loads the host and the pack in this process (registers the qs_ samplers); returns the host's base folder."""
+def start_host(base=None):
+    """Loads the host and the pack in this process (registers the qs_ samplers); returns the host's base folder
+    (default HOST_DIR/benchbase; another one keeps benches of other checkouts from relinking this one's pack)."""
     from testbed.inproc import InProcessHost
     logging.disable(logging.WARNING)          # the host's start-up warnings (torchaudio absent) are not ours
-    base = HOST_DIR / "benchbase"
+    base = Path(base) if base is not None else HOST_DIR / "benchbase"
     InProcessHost(base)
     torch.set_grad_enabled(False)
     return base
