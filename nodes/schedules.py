@@ -279,11 +279,11 @@ class QuickstepOptimizeSchedule(io.ComfyNode):
                     io.Latent.Input("latent_image", tooltip="A latent of the size you will sample at."),
                     io.Combo.Input("method", options=list(OPTIMIZERS), default=DEFAULT_OPTIMIZER,
                                    tooltip="oss (default): dynamic programming against the teacher, the fastest "
-                                           "method that stays near the best stock schedule (oracle 4-6 NFE: "
-                                           "1.16-1.98x its error in 8-14 s; trained digit flow model 5 NFE: 1.01x "
-                                           "in 139 s). nelder-mead: slowest (2-3x oss's time, minutes on a real "
-                                           "model), best on EPS models (1.13-1.69x). gits / ays: about 1 s but "
-                                           "2.5-11x worse than stock on the oracle. ld3: the old name of "
+                                           "method that helps (trained Flux / Qwen-Image digit models, 4-6 NFE: "
+                                           "0.47-0.72x the best stock schedule's error, 28-57 s on a CPU; SD3: "
+                                           "0.89-1.02x). nelder-mead: about 3x oss's time, close to it (0.49-0.95x "
+                                           "on Flux / Qwen-Image). gits: seconds, 0.55-0.83x there but up to 1.8x "
+                                           "worse on SD3; ays: 0.56-4.4x, model-dependent. ld3: the old name of "
                                            "nelder-mead, kept for saved workflows. Model calls are batched over the "
                                            "trajectories; each run logs how many it made."),
                     io.Combo.Input("solver", options=list(SOLVERS), default="dpmpp_2m",
