@@ -276,31 +276,52 @@ def test_an_interrupted_run_frees_its_state_and_the_next_run_is_unchanged(inproc
 
 # ------------------------------------------------------------------------------------------------------------ LoRA
 
-LORA_LAYERS = {   # a block the skipping cache always runs (block 0) and one it skips (block 2)
+LORA_LAYERS = {   # a block the skipping Block Cache always runs (the first) and one it skips (the third)
     "wan_t2v": {"blocks.0.self_attn.o": (64, 64), "blocks.2.self_attn.o": (64, 64)},
     "qwen_image": {"transformer_blocks.0.attn.to_out.0": (64, 64), "transformer_blocks.2.attn.to_out.0": (64, 64)},
+    "hunyuan_video": {"double_blocks.0.img_attn.proj": (64, 64), "single_blocks.0.linear2": (64, 320)},
+    "ltxv": {"transformer_blocks.0.attn1.to_out.0": (64, 64), "transformer_blocks.2.attn1.to_out.0": (64, 64)},
+    "chroma": {"double_blocks.0.img_attn.proj": (64, 64), "single_blocks.0.linear2": (64, 320)},
+    # Model Cache families: a cached step skips every layer
+    "lumina2": {"layers.0.attention.out": (64, 64), "layers.2.attention.out": (64, 64)},
+    "z_image": {"layers.0.attention.out": (256, 256), "layers.2.attention.out": (256, 256)},
 }
 
 
+def family_cache(family, patcher, skipping):
+    """The cache that serves `family` (the Block Cache where the family has block patches, else the Model Cache),
+    never-skipping or skipping, and the name of its run summary."""
+    if family in BLOCK_FAMILIES:
+        return block_cache(patcher, **(BLOCK_SKIPPING if skipping else {})), "BlockCache"
+    return model_cache(patcher, **(MODEL_SKIPPING if skipping else {})), "ModelCache"
+
+
 @pytest.mark.parametrize("family", sorted(LORA_LAYERS))
-def test_block_cache_on_a_lora_patched_model(inproc, family):
-    """LoRA through the host's loader path: never-skipping equals the patched model exactly; skipping stays nearer
-    the patched model than the unpatched one (the LoRA on the skipped blocks is in the forecast residual)."""
+def test_cache_on_a_lora_patched_model(inproc, family):
+    """LoRA through the host's loader path (its keys as comfy.lora.model_lora_keys_unet maps them): never-skipping
+    equals the patched model exactly; skipping stays nearer the patched model than the unpatched one (the LoRA on
+    the skipped blocks or steps is in the forecast residual)."""
+    import comfy.lora
     import comfy.sd
     base = tiny(family)
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
     g = torch.Generator().manual_seed(5)
     lora = {}
     for key, (out_f, in_f) in LORA_LAYERS[family].items():
+        assert f"diffusion_model.{key}" in key_map, key
         lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_f, 1, generator=g) * 8
         lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(1, in_f, generator=g) / in_f ** 0.5
     patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
     assert len(patched.patches) == len(LORA_LAYERS[family])
     plain, patched_plain = sample(family, base), sample(family, patched)
     assert psnr(patched_plain, plain) < 25.0
-    assert (sample(family, block_cache(patched)) - patched_plain).abs().max().item() <= 1e-5
-    skipping = sample(family, block_cache(patched, **BLOCK_SKIPPING))
-    assert last("BlockCache")["computed"] < last("BlockCache")["calls"]
-    assert psnr(skipping, patched_plain) > psnr(skipping, plain) + 3.0
+    never, _ = family_cache(family, patched, skipping=False)
+    assert (sample(family, never) - patched_plain).abs().max().item() <= 1e-5
+    cached, summary_name = family_cache(family, patched, skipping=True)
+    skipping = sample(family, cached)
+    assert last(summary_name)["computed"] < last(summary_name)["calls"], last(summary_name)["line"]
+    assert psnr(skipping, patched_plain) > psnr(skipping, plain) + 3.0, (psnr(skipping, patched_plain),
+                                                                        psnr(skipping, plain))
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
