@@ -1,7 +1,19 @@
 """Caches on the 2026 model families (issue 21), through the host's own sampling path on tiny seeded models of its
 own classes (modelzoo/tiny_dits.py): Block Cache on every DiT with block patches (Wan 2.1 T2V / I2V, Qwen-Image,
 HunyuanVideo, LTXV, Chroma), the model-level cache on every model (Lumina2 / Z-Image have no block patch), the Wan 2.2
-two-expert graph, few-step back-off, CFG 1, interrupts, LoRA, torch.compile, memory and bad input."""
+two-expert graph, few-step back-off, CFG 1, interrupts, LoRA (every family), ControlNet, torch.compile, memory and bad
+input.
+
+ControlNet per family, on ComfyUI 0.3.75 (Flux's is tested in test_caching.py):
+- Qwen-Image: the InstantX ControlNet (comfy.controlnet, ControlNetApplyAdvanced with a VAE) is tested here. Its
+  DiffSynth block-wise control (a model patch, QwenImageDiffsynthControlnet) is not.
+- Wan 2.1 / 2.2: VACE (a model class of its own, VaceWanModel, fed by WanVaceToVideo) and Fun Control (a model with
+  more input channels, fed by WanFunControlToVideo) are control paths; neither is tested here (no tiny VACE or Fun
+  builder in modelzoo/tiny_dits.py yet).
+- HunyuanVideo, Chroma: their forwards read Flux-style control residuals, but the host has no ControlNet loader that
+  builds one for them.
+- LTXV: no ControlNet (its guides are conditioning, LTXVAddGuide). Lumina 2 / Z-Image: none on 0.3.75; ComfyUI 0.33
+  adds Z-Image Fun ControlNet (a model patch), Qwen-Image Fun ControlNet and Wan Uni3C, absent from 0.3.75."""
 import math
 from pathlib import Path
 
@@ -48,12 +60,19 @@ def sigmas_for(patcher, steps):
     return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", steps).cpu()
 
 
-def sample(family, patcher, steps=10, cfg=3.0, sigmas=None, latent=None, noise_seed=0, callback=None):
-    """The host's sampling path (what SamplerCustom runs): euler, seeded noise, CFG with another negative."""
+def conditioning_pair(family):
+    from modelzoo import tiny_dits
+    return tiny_dits.tiny_dit_conditioning(family, 0), tiny_dits.tiny_dit_conditioning(family, 1)
+
+
+def sample(family, patcher, steps=10, cfg=3.0, sigmas=None, latent=None, noise_seed=0, callback=None,
+           conditioning=None):
+    """The host's sampling path (what SamplerCustom runs): euler, seeded noise, CFG with another negative
+    (`conditioning`: the (positive, negative) pair, by default conditioning_pair(family))."""
     import comfy.sample
     import comfy.samplers
     from modelzoo import tiny_dits
-    pos, neg = tiny_dits.tiny_dit_conditioning(family, 0), tiny_dits.tiny_dit_conditioning(family, 1)
+    pos, neg = conditioning_pair(family) if conditioning is None else conditioning
     shape = tiny_dits.tiny_dit_latent_shape(family)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed))
     sigmas = sigmas_for(patcher, steps) if sigmas is None else sigmas
@@ -322,6 +341,54 @@ def test_cache_on_a_lora_patched_model(inproc, family):
     assert last(summary_name)["computed"] < last(summary_name)["calls"], last(summary_name)["line"]
     assert psnr(skipping, patched_plain) > psnr(skipping, plain) + 3.0, (psnr(skipping, patched_plain),
                                                                         psnr(skipping, plain))
+
+
+# ------------------------------------------------------------------------------------------------------ ControlNet
+
+def tiny_wan21_vae():
+    """The host's Wan 2.1 VAE (the one Qwen-Image uses), loaded by comfy.sd.VAE from a seeded state dict of width 8:
+    its loader reads the width from the checkpoint."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+    from modelzoo import tiny_host
+    vae = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    tiny_host.seeded_init_(vae, 4)
+    return comfy.sd.VAE(sd=vae.state_dict())
+
+
+def tiny_qwen_instantx_controlnet():
+    """An InstantX Qwen-Image ControlNet in the tiny model's shape (2 blocks), wrapped as the host's
+    load_controlnet_qwen_instantx wraps one."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ldm.qwen_image.controlnet
+    import comfy.model_management
+    import comfy.ops
+    from modelzoo import tiny_dits, tiny_host
+    config = {k: v for k, v in tiny_dits.FAMILIES["qwen_image"][1].items() if k != "image_model"}
+    model = comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel(
+        operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu", **dict(config, num_layers=2))
+    tiny_host.seeded_init_(model, 3)
+    return comfy.controlnet.ControlNet(model, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(),
+                                       load_device=comfy.model_management.get_torch_device(), extra_conds=[])
+
+
+def test_block_cache_with_a_qwen_image_controlnet(inproc):
+    """The InstantX Qwen-Image ControlNet applied by the stock ControlNetApplyAdvanced node (with the VAE it needs
+    to encode the hint): the never-skipping Block Cache equals the uncached controlled model exactly, and the
+    control reaches the cached output (its residuals are added after every block)."""
+    import nodes
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(2))
+    controlled = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        *conditioning_pair("qwen_image"), tiny_qwen_instantx_controlnet(), hint, 0.5, 0.0, 1.0,
+        vae=tiny_wan21_vae())
+    base = tiny("qwen_image")
+    plain = sample("qwen_image", base, conditioning=controlled)
+    never = sample("qwen_image", block_cache(base), conditioning=controlled)
+    assert (never - plain).abs().max().item() <= 1e-5
+    uncontrolled = sample("qwen_image", block_cache(base))
+    assert psnr(never, uncontrolled) < 30.0, psnr(never, uncontrolled)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
