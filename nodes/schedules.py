@@ -281,11 +281,11 @@ class QuickstepOptimizeSchedule(io.ComfyNode):
                                    tooltip="oss (default): dynamic programming against the teacher, the fastest "
                                            "method that helps (trained Flux / Qwen-Image digit models, 4-6 NFE: "
                                            "0.47-0.72x the best stock schedule's error, 28-57 s on a CPU; SD3: "
-                                           "0.89-1.02x). nelder-mead: slowest (about 3x oss's time), close to oss (0.49-0.95x "
-                                           "on Flux / Qwen-Image). gits: seconds, 0.55-0.83x there but up to 1.8x "
-                                           "worse on SD3; ays: 0.56-4.4x, model-dependent. ld3: the old name of "
-                                           "nelder-mead, kept for saved workflows. Model calls are batched over the "
-                                           "trajectories; each run logs how many it made."),
+                                           "0.89-1.02x). nelder-mead: slowest (about 3x oss's time), close to "
+                                           "oss (0.49-0.95x on Flux / Qwen-Image). gits: seconds, 0.55-0.83x there "
+                                           "but up to 1.8x worse on SD3; ays: 0.56-4.4x, model-dependent. ld3: the "
+                                           "old name of nelder-mead, kept for saved workflows. Model calls are "
+                                           "batched over the trajectories; each run logs how many it made."),
                     io.Combo.Input("solver", options=list(SOLVERS), default="dpmpp_2m",
                                    tooltip="The solver the steps are for (dpmpp_2m also suits UniPC/DEIS)."),
                     io.Int.Input("steps", default=5, min=2, max=50, tooltip="Number of model calls (NFE)."),
