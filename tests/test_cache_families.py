@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from samplers import caching as qc
+from testbed.host import HOST_DIR
 
 BLOCK_FAMILIES = ["wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "ltxv", "chroma"]
 MODEL_FAMILIES = ["lumina2", "z_image", "wan_t2v", "qwen_image"]
@@ -460,10 +461,10 @@ def test_extra_memory_estimate_follows_the_config(inproc):
 
 def _is_pack_file(filename):
     """A file of this pack as the host loaded it (through its custom_nodes link) or from the checkout, not the host's
-    own files, which sit below the checkout (.host/) when it is named quickstep."""
+    own files, which sit below the checkout (.host/, .host033/) when it is named quickstep."""
     pack = str(Path(__file__).resolve().parent.parent) + "/"
     return "/custom_nodes/quickstep/" in filename or (filename.startswith(pack) and
-                                                      not filename[len(pack):].startswith(".host/"))
+                                                      not filename.startswith(str(HOST_DIR.resolve()) + "/"))
 
 
 def test_block_cache_under_torch_compile_does_not_recompile_per_block(inproc):
