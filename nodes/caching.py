@@ -626,6 +626,28 @@ def _memory_text(model, layout, config):
     return f"extra memory about {total / 2 ** 20:.0f} MiB on {where} at {label}, CFG batch 2"
 
 
+def _forecast_inputs(residual, warmup, max_consecutive, warmup_note="", consecutive_note=""):
+    """The forecaster, warm-up, window and history inputs the DiT caches share (Block Cache, Model Cache), with
+    each node's own warm-up and run-length defaults; `residual` names what the cache stores."""
+    return [
+        io.Combo.Input("forecaster", options=list(qc.FORECASTERS), default="taylor1",
+                       tooltip=f"How the {residual} is carried to a skipped step: reuse, Taylor order 1/2 in sigma, "
+                               "or Chebyshev least squares over the last computed steps. On the trained digit DiTs "
+                               "taylor1 and reuse were within 1 dB of each other; taylor2 and Chebyshev lost 8-12 "
+                               "dB there."),
+        io.Int.Input("warmup_steps", default=warmup, min=0, max=100,
+                     tooltip=f"The first steps that always compute{warmup_note}."),
+        io.Int.Input("max_consecutive", default=max_consecutive, min=1, max=100,
+                     tooltip=f"At most this many skipped steps in a row{consecutive_note}."),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Caching is allowed from this fraction of the denoising on."),
+        io.Float.Input("end_percent", default=0.95, min=0.0, max=1.0, step=0.01,
+                       tooltip="Caching stops at this fraction of the denoising (the last steps compute)."),
+        io.Int.Input("history", default=3, min=1, max=8,
+                     tooltip=f"Computed steps the forecaster keeps (memory: this many {residual}s)."),
+    ]
+
+
 def _policy_node_inputs(threshold_tooltip, calibration_tooltip):
     """The policy / calibration / few-step / offload inputs every DiT cache node shares."""
     return [
@@ -658,28 +680,17 @@ class QuickstepBlockCache(io.ComfyNode):
                 io.Float.Input("threshold", default=0.3, min=0.0, max=2.0, step=0.01,
                                tooltip="Skip the middle while the first blocks' residual differs from its forecast "
                                        "by less than this (relative L1). 0 never skips; larger skips more. At the "
-                                       "defaults (24 euler steps, CFG 3) measured 2.86x less compute at 35.8 dB on "
-                                       "a smooth 12-block host Flux and 2.96x at 35.3 dB on a 12-block MMDiT."),
+                                       "defaults (24 euler steps) measured 1.32-1.53x less compute at 25-41 dB on "
+                                       "the trained 2-4-block digit DiTs, where the first and last blocks leave "
+                                       "little to skip; the Model Cache skipped more there."),
                 io.Int.Input("front_blocks", default=1, min=1, max=64,
                              tooltip="Fn: blocks always computed at the start; their residual decides."),
                 io.Int.Input("back_blocks", default=1, min=0, max=64,
                              tooltip="Bn: blocks always computed at the end, on top of the cached middle."),
-                io.Combo.Input("forecaster", options=list(qc.FORECASTERS), default="taylor1",
-                               tooltip="How the middle's residual is carried to a cached step: reuse, Taylor order "
-                                       "1/2 in sigma, or Chebyshev least squares over the last computed steps. "
-                                       "taylor1 measured best on the smooth host DiTs (+7.5 to +8.4 dB over reuse "
-                                       "on the same compute steps; taylor2 overshoots over long cached runs)."),
-                io.Int.Input("warmup_steps", default=1, min=0, max=100,
-                             tooltip="The first steps that always compute (the probe still guards the next ones)."),
-                io.Int.Input("max_consecutive", default=6, min=1, max=100,
-                             tooltip="At most this many cached steps in a row: a cap on how far the forecast "
-                                     "extrapolates, whatever the probe says."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Caching is allowed from this fraction of the denoising on."),
-                io.Float.Input("end_percent", default=0.95, min=0.0, max=1.0, step=0.01,
-                               tooltip="Caching stops at this fraction of the denoising (the last steps compute)."),
-                io.Int.Input("history", default=3, min=1, max=8,
-                             tooltip="Computed steps the forecaster keeps (memory: this many middle residuals)."),
+                *_forecast_inputs("middle residual", warmup=1, max_consecutive=6,
+                                  warmup_note=" (the probe still guards the next ones)",
+                                  consecutive_note=": a cap on how far the forecast extrapolates, whatever the "
+                                                   "probe says"),
                 io.String.Input("compute_steps", default="", optional=True,
                                 tooltip="Optional static mask: comma-separated step indices that always compute "
                                         "(negative counts from the end, e.g. 0,1,-1)."),
@@ -763,19 +774,7 @@ class QuickstepModelCache(io.ComfyNode):
                                tooltip="Skip the model while its predicted output change since the last computed "
                                        "step (relative L1) stays below this; 0 never skips. With the calibrated "
                                        "policy: MagCache's error budget."),
-                io.Combo.Input("forecaster", options=list(qc.FORECASTERS), default="taylor1",
-                               tooltip="How the output residual is carried to a skipped step: reuse, Taylor order "
-                                       "1/2 in sigma, or Chebyshev least squares over the last computed steps."),
-                io.Int.Input("warmup_steps", default=2, min=0, max=100,
-                             tooltip="The first steps that always compute."),
-                io.Int.Input("max_consecutive", default=3, min=1, max=100,
-                             tooltip="At most this many skipped steps in a row."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Caching is allowed from this fraction of the denoising on."),
-                io.Float.Input("end_percent", default=0.95, min=0.0, max=1.0, step=0.01,
-                               tooltip="Caching stops at this fraction of the denoising (the last steps compute)."),
-                io.Int.Input("history", default=3, min=1, max=8,
-                             tooltip="Computed steps the forecaster keeps (memory: this many output residuals)."),
+                *_forecast_inputs("output residual", warmup=2, max_consecutive=3),
                 *_policy_node_inputs("residual-probe: EasyCache-style input-change rule (threshold = predicted "
                                      "relative output change). calibrated: MagCache's rule on a stored calibration "
                                      "of the output residual (threshold = error budget).", CALIBRATION_TOOLTIP),
