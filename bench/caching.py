@@ -17,7 +17,10 @@ the motion in dB (mean squared frame difference against the uncached clip's; tar
 
 Models: "digits" and "digits-flow", the pack's trained SD1.5-architecture UNets (MNIST, pixel space,
 modelzoo/mnist_unet.py; eps with the karras schedule, rectified flow with the simple one; digits 3 and 7 against the
-null digit, CFG 2.5); tiny seeded random-weight host models "sd15" (UNet),
+null digit, CFG 2.5); "digits-<architecture>", the other trained digit models of modelzoo/digit_models.py (their
+8x8 latents included: digits-sd15_taesd and digits-flux_taef1 in TAESD's / TAEF1's real latent space);
+"digits-page" / "digits-flow-page", the SD1.5 digit UNets on a 64x64 page (build_digit_page: the size at which
+the host caches' probe, which reads every 8th position, sees 8x8 positions); tiny seeded random-weight host models "sd15" (UNet),
 "mmdit4" (4 joint blocks), "flux12" (4 double + 8 single blocks), and "flux12-smooth" and "mmdit12-smooth" (that
 Flux, and an MMDiT of mmdit4's width with 12 joint blocks, whose time embeddings read only the sinusoids that turn at
 most half a cycle over the schedule, so their output varies smoothly with sigma as a trained model's does; not
@@ -98,12 +101,25 @@ def build_digits(name, batch):
     arch_name, prediction = {"digits": ("sd15", "eps"), "digits-flow": ("sd15", "flow")}.get(
         name, (name[len("digits-"):], None))
     patcher = digit_models.load_digit_model(arch_name, prediction)
-    flow = (prediction or digit_models.architecture(arch_name).predictions[0]) != "eps"
-    # the caches tell a UNet (DeepCache) from a DiT (Block Cache) by this label
-    arch = "sd15" if arch_name in ("sd15", "sdxl") else arch_name
+    family = digit_models.architecture(arch_name)
+    flow = (prediction or family.predictions[0]) != "eps"
+    # the caches tell a UNet (DeepCache) from a DiT (Block Cache) by this label (the real-latent models by their class)
+    arch = {"SD15": "sd15", "SDXL": "sd15", "Flux": "flux"}.get(family.host_class, arch_name)
     return Setup(name, patcher, arch, digit_models.digit_conditioning([3, 7]),
                  digit_models.unconditional_conditioning(batch), digit_models.empty_latent(arch_name, batch),
                  "simple" if flow else "karras", 2.5)
+
+
+def build_digit_page(name, batch):
+    """"digits-page" / "digits-flow-page": the SD1.5 pixel-space digit UNet (eps / flow) on a 64x64 page, twice the
+    side it was trained on (its convolutions and attention take any size; it draws digit strokes across the page).
+    The host caches' change probe reads every 8th latent position, so here it sees 8x8 of them, as on a 512 px SD1.5
+    image, where on the 8x8 latents of the other digit models it sees one. Every cache is judged against this same
+    model uncached."""
+    setup = build_digits(name[:-len("-page")], batch)
+    setup.name, setup.latent = name, torch.full((batch, 1, 2 * setup.latent.shape[-2], 2 * setup.latent.shape[-1]),
+                                                -1.0)
+    return setup
 
 
 def build_tiny_host(name, batch):
@@ -152,7 +168,9 @@ DEEPER_DITS = {
 TINY_DIT_FAMILIES = ("wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "ltxv", "chroma", "lumina2", "z_image")
 BUILDERS = {
     **{name: build_digits for name in ("digits", "digits-flow", "digits-sdxl", "digits-sd3", "digits-flux",
-                                       "digits-qwen_image", "digits-lumina2", "digits-wan21")},
+                                       "digits-qwen_image", "digits-lumina2", "digits-wan21", "digits-sd15_taesd",
+                                       "digits-flux_taef1")},
+    **{name: build_digit_page for name in ("digits-page", "digits-flow-page")},
     "sd15-full-smooth": lambda name, batch: build_sd15_full(name, 24, 1, smooth=True),   # one call takes seconds
     **{name: build_tiny_host for name in ("sd15", "mmdit", "flux", *DEEPER_DITS)},
     **{name: build_tiny_dit for name in TINY_DIT_FAMILIES},

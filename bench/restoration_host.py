@@ -21,12 +21,15 @@ Unconditional (the null digit), cfg 1: one model call per step for every sampler
 Models (`--model`): sd15 (the embedded pixel-space digit model, eps); sd15_unshuffle4 / sd15_unshuffle16 (the same
 network seen through an exact pixel-unshuffle "VAE": latents [B, 4, 16, 16] / [B, 16, 8, 8], the host's noise mask
 then works at latent resolution); or an architecture of the digit model zoo (modelzoo.digit_models: sdxl, sd3,
-flux, qwen_image (one-frame latents), lumina2), where that module and its weights exist.
+flux, qwen_image (one-frame latents), lumina2), where that module and its weights exist; sd15_taesd and flux_taef1 are
+in real latent spaces: the 32 px digit is upscaled to 64 px RGB and goes through the real TAESD / TAEF1 encoder and
+decoder (../shared/models/taesd), the operator and the figures stay on the 32 px digit.
 
 usage: python -m bench.restoration_host [--model sd15] [--tasks ...] [--calls 30] [--tune 6] [--samples 20]
 Writes bench/results/restoration_host_<model>.json and prints a markdown table.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -71,7 +74,7 @@ class Prior:
 
     def __init__(self, name):
         from modelzoo import mnist_unet
-        self.name, self.single_frame = name, False
+        self.name, self.single_frame, self.vae = name, False, None
         if name == "sd15" or name.startswith("sd15_unshuffle"):
             channels = int(name[len("sd15_unshuffle"):]) if name != "sd15" else 1
             self.factor, self.scale = math.isqrt(channels), 1.0
@@ -91,6 +94,12 @@ class Prior:
                 raise SystemExit(f"--model {name}: video latents are not benchmarked")
             self.single_frame = arch.frames == 1      # Qwen-Image: an image is a one-frame clip [B, C, 1, H, W]
             self.factor, self.scale = math.isqrt(arch.channels), digit_models.LATENT_SCALE[arch.channels]
+            if arch.vae:
+                from testbed.mnist_ddpm import MODELS_DIR
+                try:
+                    self.vae = digit_models.load_taesd(arch.vae, MODELS_DIR / "taesd")
+                except FileNotFoundError as e:
+                    raise SystemExit(f"--model {name}: {e}") from None
             self.patcher = digit_models.load_digit_model(name)
             self.conditioning = digit_models.unconditional_conditioning
 
@@ -100,12 +109,18 @@ class Prior:
         return F.pixel_unshuffle(apply_model(pixels, args["timestep"], **args["c"]), self.factor)
 
     def encode(self, pixels):
+        if self.vae is not None:
+            from modelzoo import digit_models
+            return digit_models.encode_digits(self.vae, pixels)
         if self.factor == 1:
             return pixels.clone()
         latent = F.pixel_unshuffle(pixels, self.factor) * self.scale
         return latent.unsqueeze(2) if self.single_frame else latent
 
     def decode(self, latent):
+        if self.vae is not None:
+            from modelzoo import digit_models
+            return digit_models.decoded_to_pixels(self.vae.decode(latent).movedim(-1, 1) * 2.0 - 1.0)
         if self.factor == 1:
             return latent.float()
         latent = latent[:, :, 0] if self.single_frame else latent
@@ -116,6 +131,10 @@ class Prior:
         if self.factor == 1:
             return None
         base = self.patcher.model
+        if self.vae is not None:
+            from modelzoo import digit_models
+            decoder = self.vae.first_stage_model
+            return lambda z: digit_models.decoded_to_pixels(decoder.decode(base.process_latent_out(z)))
         return lambda z: self.decode(base.process_latent_out(z))
 
 
@@ -194,8 +213,11 @@ class Runner:
         cond = prior.conditioning(batch)
         calls = CallCounter(prior.patcher)
         particles = options.get("particles", 1)
-        out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, self.sigmas(self.calls // particles),
-                                         cond, cond, empty, disable_pbar=True, seed=0)
+        decoder_weights = (guidance.autograd_weights(prior.vae.first_stage_model) if prior.vae is not None
+                           else contextlib.nullcontext())
+        with decoder_weights:
+            out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, self.sigmas(self.calls // particles),
+                                             cond, cond, empty, disable_pbar=True, seed=0)
         return prior.decode(out).cpu(), calls.count * particles     # each call evaluates every particle
 
 

@@ -14,6 +14,13 @@ latent format brings them back to about unit range. Decoding depends on the late
 to Image node serves every family. Video (Wan) latents are [B, 16, T, 8, 8], a digit moving a few pixels per frame;
 Qwen-Image, whose host latent format is the Wan one, takes [B, 16, 1, 8, 8] like its real VAE's.
 
+Real latent spaces: the `*_taesd` / `*_taef1` models were trained in the latent space of a real VAE of their family,
+the TAESD-family tiny autoencoders ComfyUI's VAELoader knows by those names (taesd for SD1.5, 4 channels; taef1 for
+Flux, 16 channels; their files in the user's models/vae_approx). Their digit is the 32 px digit upscaled to a 64 px
+grey RGB image, so their latent is [B, C, 8, 8], stored raw as the host's VAE.encode returns it; the stock empty
+latent (zeros) is their blank page, and decoding needs that VAE. The encoder runs only in training and restoration
+benchmarks, from ../shared/models/taesd (testbed.mnist_ddpm.MODELS_DIR).
+
 Conditioning: one shared digit token table for every architecture, the SD1.5 eps model's ([11, 4, 64], row 10 the
 null digit); every other model was trained with it frozen. Digit Conditioning hands it as the cross-attention context
 plus a pooled vector (the tokens' mean, 64 wide) that the families with a pooled input read (SDXL through the host's
@@ -40,6 +47,8 @@ SDXL_ADM_CHANNELS = POOLED_DIM + 6 * 256
 LATENT_SCALE = {1: 1.0, 4: 1 / 0.13025, 16: 1 / 0.3611}
 VIDEO_FRAMES = 4
 MAX_SHIFT_PX = 2     # a clip's digit moves by up to 2 px per frame in x and y (MNIST digits have a 6 px margin)
+VAE_IMAGE_SIZE = 64  # a real-VAE family's image of a digit: the 32 px digit upscaled 2x (TAESD's latent is 1/8: 8x8)
+VAE_DOWNSCALE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +63,12 @@ class Architecture:
     sampling: tuple = ()     # (key, value) overrides of the host class's sampling_settings
     reads_pooled: bool = False   # the host model reads pooled_output (and fails without it)
     stock_loader: bool = False   # the host's UNETLoader detects this file's config
+    vae: str = ""            # trained in the latent space of this real VAE (a VAELoader name); "": pixel-unshuffle
 
     @property
     def size(self):
+        if self.vae:
+            return VAE_IMAGE_SIZE // VAE_DOWNSCALE
         return mnist_unet.IMAGE_SIZE // math.isqrt(self.channels)
 
     def latent_shape(self, batch, frames=None):
@@ -78,6 +90,9 @@ def _flux_network():
 
 
 _CONTEXT = mnist_unet.CONTEXT_DIM
+# The SD1.5 digit UNet with the real SD1.5 latent's 4 channels at 8x8 (the host's SD15 class, its own head count).
+_SD15_TAESD_UNET = {**mnist_unet.UNET_CONFIG, "image_size": VAE_IMAGE_SIZE // VAE_DOWNSCALE, "in_channels": 4,
+                    "out_channels": 4}
 ARCHITECTURES = {a.name: a for a in [
     Architecture("sd15", "SD1.5 UNet", "SD15", mnist_unet.UNET_CONFIG, mnist_unet.PREDICTIONS, channels=1),
     # SDXL's UNet: no attention at the top level, label_emb reading the host's encode_adm (pooled + size embeddings).
@@ -114,6 +129,11 @@ ARCHITECTURES = {a.name: a for a in [
         "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "multiple_of": 32, "ffn_dim_multiplier": 4.0,
         "qk_norm": True, "cap_feat_dim": _CONTEXT, "axes_dims": [8, 12, 12], "axes_lens": [32, 32, 32],
         "rope_theta": 10000.0}, ("flow",), channels=16, sampling=(("shift", 1.0),)),
+    # The same families in their real latent spaces (TAESD / TAEF1): the host's own SD15 and Flux classes unchanged.
+    Architecture("sd15_taesd", "SD1.5 UNet (TAESD latents)", "SD15", _SD15_TAESD_UNET, ("eps",), channels=4,
+                 vae="taesd"),
+    Architecture("flux_taef1", "Flux DiT (TAEF1 latents)", "Flux", {}, ("flow",), channels=16, reads_pooled=True,
+                 vae="taef1"),
 ]}
 
 
@@ -137,7 +157,7 @@ def host_config(name, prediction=None):
     if name == "sd15":
         return mnist_unet.model_config(prediction or arch.predictions[0])
     import comfy.supported_models
-    network = _flux_network() if name == "flux" else arch.network
+    network = _flux_network() if arch.host_class == "Flux" else arch.network
     config = getattr(comfy.supported_models, arch.host_class)(dict(network))
     config.sampling_settings.update(dict(arch.sampling))
     return config
@@ -201,16 +221,65 @@ def latent_to_images(latent):
     return torch.nn.functional.pixel_shuffle(latent.float() / LATENT_SCALE[channels], math.isqrt(channels))
 
 
-def latent_to_digits(latent):
-    """Any digit family's latent -> [N, 28, 28] in [0, 1] (the classifier's input)."""
+def latent_to_digits(latent, vae=None):
+    """Any digit family's latent -> [N, 28, 28] in [0, 1] (the classifier's input). A latent of a real-VAE family
+    (sd15_taesd, flux_taef1) needs that `vae` (a host VAE: VAELoader taesd / taef1). A reading of results: no
+    gradient flows back."""
+    if vae is not None:
+        with torch.no_grad():
+            return vae_images_to_digits(vae.decode(latent))
     return mnist_unet.latent_to_digits(latent_to_images(latent))
+
+
+def digits_to_vae_images(images):
+    """Pixel digits [N, 1, 32, 32] in [-1, 1] -> the grey IMAGE a real VAE encodes, [N, 64, 64, 3] in [0, 1]."""
+    grey = torch.nn.functional.interpolate((images.float() + 1.0) / 2.0, size=(VAE_IMAGE_SIZE, VAE_IMAGE_SIZE),
+                                           mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    return grey.movedim(1, -1).expand(-1, -1, -1, 3)
+
+
+def vae_images_to_digits(images):
+    """A decoded IMAGE [N, 64, 64, 3] in [0, 1] -> digits [N, 28, 28] in [0, 1] (the inverse of
+    digits_to_vae_images up to the VAE's own loss)."""
+    return mnist_unet.latent_to_digits(decoded_to_pixels(images.movedim(-1, 1) * 2.0 - 1.0))
+
+
+def decoded_to_pixels(decoded):
+    """A decoder's output [N, 3, 64, 64] in [-1, 1] -> pixel digits [N, 1, 32, 32] in [-1, 1]: grey, area-averaged
+    back to 32 px. Differentiable: restoration guidance measures a real decoder's output with it."""
+    grey = decoded.float().mean(dim=1, keepdim=True)
+    return torch.nn.functional.interpolate(grey, size=(mnist_unet.IMAGE_SIZE, mnist_unet.IMAGE_SIZE), mode="area")
+
+
+def encode_digits(vae, images, batch=500):
+    """Pixel digits [N, 1, 32, 32] -> their latents in `vae`'s space (the host's VAE.encode), `batch` at a time."""
+    return torch.cat([vae.encode(digits_to_vae_images(chunk)).float() for chunk in images.split(batch)])
+
+
+def load_taesd(name, directory):
+    """The host VAE VAELoader makes of the TAESD-family `name` (taesd, taef1, ...) from the two halves in
+    `directory`. FileNotFoundError names the files when they are absent."""
+    import folder_paths
+    import nodes
+
+    directory = Path(directory)
+    halves = [directory / f"{name}_{part}.safetensors" for part in ("encoder", "decoder")]
+    missing = [str(f) for f in halves if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the {name} VAE needs {' and '.join(missing)} (../shared/models/taesd, or a "
+                                f"ComfyUI models/vae_approx folder)")
+    folder_paths.add_model_folder_path("vae_approx", str(directory))
+    return nodes.VAELoader().load_vae(name)[0]
 
 
 def empty_latent(name, batch=1, frames=None, device=None):
     """The blank page of architecture `name`: the all-background digit's latent (not zeros: under EPS the host adds
-    the latent to the scaled noise, and background is what a digit stands on)."""
+    the latent to the scaled noise, and background is what a digit stands on). A real-VAE family's is the stock
+    empty latent, zeros, as EmptyLatentImage gives its users."""
     arch = architecture(name)
     shape = arch.latent_shape(batch, frames)
+    if arch.vae:
+        return torch.zeros(shape, device=device)
     return torch.full(shape, -LATENT_SCALE[arch.channels], device=device)
 
 
@@ -227,8 +296,11 @@ def moving_clips(images, frames, generator):
 
 
 def training_latents(name, images, generator):
-    """Training latents of architecture `name` from pixel digits [N, 1, 32, 32]: the family's latent layout."""
+    """Training latents of architecture `name` from pixel digits [N, 1, 32, 32]: the family's latent layout (a
+    real-VAE family's come from its encoder: encode_digits)."""
     arch = architecture(name)
+    if arch.vae:
+        raise ValueError(f"the {name} digit model's latents come from the {arch.vae} encoder (encode_digits)")
     if arch.frames > 1:
         clips = moving_clips(images, arch.frames, generator)             # [N, T, 1, 32, 32]
         return images_to_latent(clips, arch.channels).movedim(1, 2)     # [N, C, T, h, w]

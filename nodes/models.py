@@ -1,6 +1,6 @@
 """The pack's embedded digit models: small class-conditional MNIST models of the host's own architectures (SD1.5,
 SDXL, SD3, Flux, Qwen-Image, Wan 2.1 video, Lumina 2), trained in a pixel-unshuffle latent space with one shared
-digit conditioning (modelzoo/digit_models.py). They run the README demo with no download and are what the
+digit conditioning (modelzoo/digit_models.py); SD1.5 and Flux also in their real latent spaces (TAESD, TAEF1). They run the README demo with no download and are what the
 benchmarks measure solvers, schedules, caches and restoration on. One graph shape serves them all: Digit Model ->
 (Digit Conditioning, Empty Digit Latent) -> any sampler -> Digit Latent to Image."""
 from comfy_api.latest import io
@@ -12,8 +12,12 @@ from ..modelzoo.students import STUDENTS, TEACHER_PREDICTION, load_student, stud
 ARCHITECTURES = list(digit_models.ARCHITECTURES)
 PREDICTIONS = ["auto", *digit_models.ARCHITECTURES["sd15"].predictions]
 INPUT_CHECK_KEY = "quickstep_digit_inputs"
+# A latent made by Empty Digit Latent carries the VAE its architecture's latent space belongs to ("" for the exact
+# pixel-unshuffle one); the host's samplers copy a latent's keys to their output, so the decoder can check it.
+LATENT_VAE_KEY = "quickstep_digit_vae"
 _ARCH_TOOLTIP = ("Which host architecture: sd15 (UNet, pixels), sdxl (UNet), sd3 (MMDiT), flux, qwen_image, "
-                 "wan21 (video), lumina2.")
+                 "wan21 (video), lumina2; sd15_taesd and flux_taef1 are SD1.5 and Flux in their real latent spaces "
+                 "(decode with VAE Loader taesd / taef1).")
 
 
 def _architecture_input():
@@ -52,6 +56,8 @@ class QuickstepDigitModel(io.ComfyNode):
                         "own architectures (no download): sd15 (UNet on 32x32 pixels, eps or flow), sdxl (UNet, "
                         "eps), sd3 (MMDiT), flux (double + single blocks, guidance input; sample with true CFG), "
                         "qwen_image, wan21 (4-frame clips of a moving digit), lumina2; all flow except sdxl. "
+                        "sd15_taesd (eps) and flux_taef1 were trained in the real latent spaces of TAESD and TAEF1 "
+                        "(64 px digits, 8x8 latents): decode them with the VAE Loader's taesd / taef1. "
                         "'distilled' picks the one-step students of the sd15 flow model (CFG 2 baked in: sample at "
                         "cfg 1): consistency (1-2 steps, e.g. the TCD Sampler at gamma 1) or DSNO-style (exactly one "
                         "step, from sigma 1).",
@@ -129,7 +135,8 @@ class QuickstepEmptyDigitLatent(io.ComfyNode):
             category=f"{CATEGORY}/models",
             description="A blank page (black background) in the latent space of the chosen digit architecture: "
                         "sd15 32x32 pixels [B, 1, 32, 32]; sdxl [B, 4, 16, 16]; sd3, flux, lumina2 [B, 16, 8, 8]; "
-                        "qwen_image [B, 16, 1, 8, 8]; wan21 video [B, 16, frames, 8, 8].",
+                        "qwen_image [B, 16, 1, 8, 8]; wan21 video [B, 16, frames, 8, 8]; sd15_taesd [B, 4, 8, 8] and "
+                        "flux_taef1 [B, 16, 8, 8], zeros as the stock empty latents of a 64x64 image.",
             inputs=[io.Int.Input("batch_size", default=1, min=1, max=4096,
                                  tooltip="How many digits (wan21: clips) to draw."),
                     _architecture_input(),
@@ -144,7 +151,7 @@ class QuickstepEmptyDigitLatent(io.ComfyNode):
         require_choice("Empty Digit Latent", "architecture", architecture, ARCHITECTURES)
         latent = digit_models.empty_latent(architecture, batch_size, frames,
                                            comfy.model_management.intermediate_device())
-        return io.NodeOutput({"samples": latent})
+        return io.NodeOutput({"samples": latent, LATENT_VAE_KEY: digit_models.ARCHITECTURES[architecture].vae})
 
 
 class QuickstepDigitToImage(io.ComfyNode):
@@ -155,17 +162,28 @@ class QuickstepDigitToImage(io.ComfyNode):
             display_name="Digit Latent to Image",
             category=f"{CATEGORY}/models",
             description="Decodes any digit model's latent into an IMAGE (28x28, grey in RGB): the digit models' "
-                        "exact 'VAE decode' (pixel shuffle). A video latent gives its frames as a batch of images, "
-                        "clip after clip.",
-            inputs=[io.Latent.Input("samples", tooltip="A latent sampled with a digit model (any architecture).")],
+                        "exact 'VAE decode' (pixel shuffle), or for sd15_taesd / flux_taef1 the real VAE connected "
+                        "to vae. A video latent gives its frames as a batch of images, clip after clip.",
+            inputs=[io.Latent.Input("samples", tooltip="A latent sampled with a digit model (any architecture)."),
+                    io.Vae.Input("vae", optional=True,
+                                 tooltip="Only for sd15_taesd / flux_taef1: the VAE of their latent space "
+                                         "(VAE Loader taesd / taef1). Leave empty for the other architectures.")],
             outputs=[io.Image.Output()])
 
     @classmethod
-    def execute(cls, samples):
+    def execute(cls, samples, vae=None):
+        node = "Digit Latent to Image"
+        needed = samples.get(LATENT_VAE_KEY)
+        if needed and vae is None:
+            raise QuickstepInputError(node, f"samples are in the {needed} latent space (a digit model trained on a "
+                                            f"real VAE's latents): connect VAE Loader ({needed}) to vae")
+        if needed == "" and vae is not None:
+            raise QuickstepInputError(node, "samples are an exact pixel-unshuffle digit latent, which decodes "
+                                            "without a VAE: leave vae unconnected")
         try:
-            digits = digit_models.latent_to_digits(samples["samples"])
-        except ValueError as e:
-            raise QuickstepInputError("Digit Latent to Image", f"samples: {e}") from None
+            digits = digit_models.latent_to_digits(samples["samples"], vae)
+        except (ValueError, RuntimeError) as e:
+            raise QuickstepInputError(node, f"samples: {e}") from None
         return io.NodeOutput(digits.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous())
 
 

@@ -11,7 +11,8 @@ all settings are argparse defaults and are written into the file's metadata.
   flow: x = (1 - sigma) * x0 + sigma * noise with sigma logit-normal (SD3's choice), a --uniform-sigma fraction
         of rows uniform in (0, 1); loss on the velocity noise - x0.
 x0 is the family's latent of a training digit (Wan: a clip of the digit drifting a few pixels per frame) after the
-family's process_latent_in. The digit table is learned by the SD1.5 eps model only; every other model reads it
+family's process_latent_in; for the real-VAE families (sd15_taesd, flux_taef1) every training digit is encoded once,
+up front, by the host's VAE.encode of that TAESD (--taesd-dir), and evaluation decodes through it. The digit table is learned by the SD1.5 eps model only; every other model reads it
 frozen, so one Digit Conditioning serves them all. The digit label is dropped (the null row) with probability
 --label-dropout, which is what makes CFG work. Every step's conditioning also carries a random guidance value in
 [1, 5] (one per step): Flux reads it through its guidance embedding and learns to ignore it (it is not distilled:
@@ -20,7 +21,9 @@ sample it with true CFG); the other families ignore the key.
 Evaluation (also run at the end of training, its figures written into the file): a 10 x 8 sample grid PNG in docs/,
 then N = 500 samples (digits 0-9 in turn) at 20 steps with CFG, read by ccexam's MNIST classifier (class accuracy)
 and compared with the 4,500 training digits by the Frechet distance of its 128-d features (bench/distilled.py).
-Video: accuracy over every frame, FD on frame 1 (where the digit is unshifted).
+Video: accuracy over every frame, FD on frame 1 (where the digit is unshifted). Real-VAE families also report the
+floor their VAE sets (the held-out real digits through its encoder and decoder) and the FD against the training
+digits through that encoder and decoder, the reference a perfect model of that latent space would match.
 
   train:     python scripts/train_digit_model.py --architecture flux
   evaluate:  python scripts/train_digit_model.py --evaluate modelzoo/weights/digit_flux.safetensors
@@ -53,6 +56,9 @@ ZERO_INIT_SUFFIXES = ("out_layers.3", "proj_out", "out.2", "adaLN_modulation.1",
 def import_host():
     """Import the host for CPU work. SDPA attention: the CPU default (sub-quadratic) is 2x slower at the same math."""
     from testbed.host import COMFY_DIR
+    # the pack's samplers package first: the host's nodes.py (VAELoader, for the real-VAE families) puts
+    # ComfyUI/comfy, which has a samplers.py of its own, first on sys.path
+    import samplers  # noqa: F401
     sys.path.insert(0, str(COMFY_DIR))
     from comfy.cli_args import args
     args.cpu = True
@@ -221,6 +227,17 @@ def resolve(settings):
     return arch
 
 
+def taesd_for(arch, settings):
+    """The real VAE of a real-VAE architecture (None for the pixel-unshuffle ones); exits naming missing files."""
+    if not arch.vae:
+        return None
+    from modelzoo import digit_models
+    try:
+        return digit_models.load_taesd(arch.vae, settings.taesd_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"--architecture {arch.name}: {e}; give their folder with --taesd-dir")
+
+
 def train(settings):
     import_host()
     from modelzoo import digit_models, mnist_unet
@@ -253,6 +270,12 @@ def train(settings):
     train_pixels, train_labels, _, _ = mnist_unet.mnist_split()
     images = mnist_unet.mnist_to_latent(train_pixels)
     labels = torch.as_tensor(train_labels)
+    vae = taesd_for(arch, settings)
+    if vae is not None:
+        encoding = time.time()
+        with torch.no_grad():
+            images = digit_models.encode_digits(vae, images)    # once: the encoder is fixed
+        print(f"encoded {len(images)} digits with {arch.vae} in {time.time() - encoding:.0f}s", flush=True)
 
     forward = TrainingForward()
     optimizer = torch.optim.AdamW(trained, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -263,7 +286,8 @@ def train(settings):
         index = torch.randint(0, len(images), (settings.batch,), generator=generator)
         digits = labels[index].clone()
         digits[torch.rand(settings.batch, generator=generator) < settings.label_dropout] = mnist_unet.NULL_DIGIT
-        x0 = model.process_latent_in(digit_models.training_latents(arch.name, images[index], generator))
+        x0 = model.process_latent_in(images[index] if vae is not None else
+                                     digit_models.training_latents(arch.name, images[index], generator))
         context = table[digits]
         conditioning = [[context, {"pooled_output": context.mean(dim=1),
                                    "guidance": guidance.uniform(*GUIDANCE_RANGE)}]]
@@ -345,11 +369,12 @@ def evaluate(settings, record=False):
     settings.architecture, settings.prediction = name, prediction
     arch = resolve(settings)
     model = digit_models.load_digit_model(name, prediction, path)
+    vae = taesd_for(arch, settings)
     frames = max(1, arch.frames)
 
     columns = 8 // frames
     grid_digits = [d for d in range(10) for _ in range(columns)]
-    grid = digit_models.latent_to_digits(generate(model, name, grid_digits, settings, settings.seed))
+    grid = digit_models.latent_to_digits(generate(model, name, grid_digits, settings, settings.seed), vae)
     size = mnist_unet.DIGIT_SIZE
     rows = grid.reshape(10, columns * frames, size, size)
     picture = rows.permute(0, 2, 1, 3).reshape(10 * size, columns * frames * size)
@@ -368,7 +393,7 @@ def evaluate(settings, record=False):
     wanted = torch.arange(settings.eval_samples) % 10
     started = time.time()
     generated = torch.cat([
-        digit_models.latent_to_digits(generate(model, name, chunk.tolist(), settings, settings.seed + 1 + i))
+        digit_models.latent_to_digits(generate(model, name, chunk.tolist(), settings, settings.seed + 1 + i), vae)
         for i, chunk in enumerate(wanted.split(100))])
     sampling_s = time.time() - started
     with torch.no_grad():
@@ -379,15 +404,37 @@ def evaluate(settings, record=False):
     still = generated.reshape(len(wanted), frames, size, size)[:, min(1, frames - 1)]
     fd = frechet(features(net, still), reference)
     real_fd = frechet(features(net, torch.as_tensor(eval_pixels) / 255.0), reference)
+    through_vae = {}
+    if vae is not None:
+        # A real VAE's own loss shows in the FD: the floor is the held-out real digits through its encoder and
+        # decoder, and the fair reference for the model is the training digits through them too.
+        def round_trip(pixels, chunk=250):
+            images = mnist_unet.mnist_to_latent(pixels)
+            return torch.cat([digit_models.latent_to_digits(digit_models.encode_digits(vae, part), vae)
+                              for part in images.split(chunk)])
+        real_round_trip = round_trip(eval_pixels)
+        vae_reference = features(net, round_trip(train_pixels))
+        with torch.no_grad():
+            round_trip_accuracy = (predict(real_round_trip) == torch.as_tensor(eval_labels)).float().mean().item()
+        through_vae = {"real_held_out_through_vae_accuracy": round(round_trip_accuracy, 4),
+                       "real_held_out_through_vae_fd": round(frechet(features(net, real_round_trip), reference), 2),
+                       "fd_vae_reference": round(frechet(features(net, still), vae_reference), 2),
+                       "real_held_out_through_vae_fd_vae_reference": round(
+                           frechet(features(net, real_round_trip), vae_reference), 2)}
     figures = {"class_accuracy": round(accuracy, 4), "fd": round(fd, 2), "samples": settings.eval_samples,
                "frames_per_sample": frames, "real_held_out_accuracy": round(float(real_accuracy), 4),
-               "real_held_out_fd": round(real_fd, 2), "sampling_wall_s": round(sampling_s, 1),
+               "real_held_out_fd": round(real_fd, 2), **through_vae, "sampling_wall_s": round(sampling_s, 1),
                "settings": {k: getattr(settings, k) for k in EVALUATION_SETTINGS},
                "command": f"python scripts/train_digit_model.py --evaluate {path.relative_to(PACK_DIR)}"
                if path.is_relative_to(PACK_DIR) else f"python scripts/train_digit_model.py --evaluate {path}"}
     print(f"{arch.title} ({prediction}): class accuracy {accuracy:.3f}, FD {fd:.2f} on {settings.eval_samples} "
           f"samples ({settings.sampler}/{settings.scheduler}, {settings.sample_steps} steps, cfg {settings.cfg}, "
-          f"{sampling_s:.0f} s); held-out real digits: accuracy {float(real_accuracy):.3f}, FD {real_fd:.2f}",
+          f"{sampling_s:.0f} s); held-out real digits: accuracy {float(real_accuracy):.3f}, FD {real_fd:.2f}"
+          + (f"; through the {arch.vae} encoder and decoder: accuracy "
+             f"{through_vae['real_held_out_through_vae_accuracy']:.3f}, FD "
+             f"{through_vae['real_held_out_through_vae_fd']:.2f}. Against the training digits through the "
+             f"{arch.vae} encoder and decoder: samples FD {through_vae['fd_vae_reference']:.2f}, held-out real "
+             f"digits FD {through_vae['real_held_out_through_vae_fd_vae_reference']:.2f}" if through_vae else ""),
           flush=True)
     print("evaluation " + json.dumps(figures), flush=True)
     if record:
@@ -418,6 +465,9 @@ def main(argv=None):
     parser.add_argument("--init", default="", help="start from this trained weights file instead of a fresh init")
     parser.add_argument("--out", default="", help="weights file (default: modelzoo/weights/digit_<architecture>, "
                         "mnist_unet_<prediction> for SD1.5)")
+    from testbed.mnist_ddpm import MODELS_DIR
+    parser.add_argument("--taesd-dir", default=str(MODELS_DIR / "taesd"),
+                        help="folder of the TAESD-family files (real-VAE architectures: sd15_taesd, flux_taef1)")
     parser.add_argument("--evaluate", default="", help="evaluate this weights file instead of training")
     parser.add_argument("--record", action="store_true", help="with --evaluate: write the figures into the file")
     parser.add_argument("--grid", default="", help="sample grid PNG (default: docs/digit_samples_<architecture>.png; "

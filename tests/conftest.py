@@ -15,13 +15,33 @@ from testbed.host import HOST_DIR, Client, Server, prepare_base  # noqa: E402
 import modelzoo  # noqa: E402,F401
 import samplers  # noqa: E402,F401
 
-SHARED_MODELS = PACK_DIR.parent / "shared" / "models"
+REAL_TAESD = ("taesd", "taef1")   # not taesd3: test_workflows seeds a stand-in of its own under that name
 
 
 @pytest.fixture(scope="session")
 def host_base():
     base = Path(os.environ.get("QS_TEST_BASE", HOST_DIR / "testbase"))
     return prepare_base(base, with_testbed_nodes=True)
+
+
+@pytest.fixture(scope="session")
+def real_taesd(host_base):
+    """The real TAESD and TAEF1 from ../shared/models/taesd, copied into the test base's models/vae_approx, where
+    the stock VAELoader lists them as 'taesd' and 'taef1'; returns that folder. Skips, saying which file is missing,
+    where ../shared is absent."""
+    import shutil
+
+    from testbed import mnist_ddpm
+    files = [mnist_ddpm.MODELS_DIR / "taesd" / f"{name}_{part}.safetensors" for name in REAL_TAESD
+             for part in ("encoder", "decoder")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        pytest.skip(f"the real TAESD files are not here: {', '.join(missing)}")
+    approx = host_base / "models" / "vae_approx"
+    for f in files:
+        if not (approx / f.name).exists():
+            shutil.copyfile(f, approx / f.name)
+    return approx
 
 
 @pytest.fixture(scope="session")

@@ -410,24 +410,12 @@ PHOTO_SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def photos(inproc, host_base):
-    """scikit-image's astronaut, chelsea and coffee at 64x64 as input PNGs, and the real TAESD files in
-    models/vae_approx (VAELoader lists them as 'taesd')."""
-    import shutil
-
+def photos(inproc, host_base, real_taesd):
+    """scikit-image's astronaut, chelsea and coffee at 64x64 as input PNGs (the real TAESD files in
+    models/vae_approx come with real_taesd)."""
     import numpy as np
     from PIL import Image
-    from testbed import mnist_ddpm
     skimage_data = pytest.importorskip("skimage.data")
-    taesd_dir = mnist_ddpm.MODELS_DIR / "taesd"
-    files = [taesd_dir / f"taesd_{part}.safetensors" for part in ("encoder", "decoder")]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        pytest.skip(f"real TAESD not found: {', '.join(missing)}")
-    for f in files:
-        target = host_base / "models" / "vae_approx" / f.name
-        if not target.exists():
-            shutil.copyfile(f, target)
     names = []
     for photo in PHOTOS:
         image = Image.fromarray(getattr(skimage_data, photo)()).resize((PHOTO_SIZE, PHOTO_SIZE), Image.LANCZOS)
