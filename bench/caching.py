@@ -334,7 +334,7 @@ def configs(setup, steps, quick):
         deep = defaults("QuickstepDeepCache")
         out.append(("DeepCache", "DeepCache (default)", ("QuickstepDeepCache", deep)))
         if quick:
-            return out
+            return out + model_cache_configs(setup, quick)
         if short:
             for n in (3, 4, 8):
                 out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
@@ -350,15 +350,8 @@ def configs(setup, steps, quick):
         for fc in FORECASTERS:
             out.append(("forecaster", f"DeepCache N=4 {fc}", ("QuickstepDeepCache",
                                                               dict(deep, interval=4, forecaster=fc))))
-        return out
-    model = defaults("QuickstepModelCache")
-    out.append(("ModelCache", "ModelCache (default)", ("QuickstepModelCache", model)))
-    if setup.sigmas is not None:
-        out.append(("ModelCache", "ModelCache (default), back-off off",
-                    ("QuickstepModelCache", dict(model, few_step_limit=0))))
-    if not quick:
-        for t in (0.05, 0.1, 0.15, 0.4):
-            out.append(("ModelCache", f"ModelCache t={t}", ("QuickstepModelCache", dict(model, threshold=t))))
+        return out + model_cache_configs(setup, quick)
+    out += model_cache_configs(setup, quick)
     if layout_of(setup) is None:           # no block patch (Lumina2, Z-Image, HiDream): the model cache only
         return out
     block = block_cache_defaults(setup)
@@ -383,6 +376,19 @@ def configs(setup, steps, quick):
     for fc in FORECASTERS:
         out.append(("forecaster", f"BlockCache calibrated t=0.5 {fc}",
                     ("QuickstepBlockCache", dict(calibrated, threshold=0.5, forecaster=fc))))
+    return out
+
+
+def model_cache_configs(setup, quick):
+    """The Model Cache (it serves every model, UNets included): its default, then its threshold swept."""
+    model = defaults("QuickstepModelCache")
+    out = [("ModelCache", "ModelCache (default)", ("QuickstepModelCache", model))]
+    if setup.sigmas is not None:
+        out.append(("ModelCache", "ModelCache (default), back-off off",
+                    ("QuickstepModelCache", dict(model, few_step_limit=0))))
+    if not quick:
+        for t in (0.05, 0.1, 0.15, 0.4):
+            out.append(("ModelCache", f"ModelCache t={t}", ("QuickstepModelCache", dict(model, threshold=t))))
     return out
 
 
