@@ -207,7 +207,12 @@ def test_job_bar_clock_starts_when_the_server_starts_the_job(server_pair, tmp_pa
     assert set(elapsed) == set(records)
     assert max(r["queue_s"] for r in records.values()) > 1.0, "no job waited in the queue: nothing to tell apart"
     for job_id, r in records.items():
-        assert abs(elapsed[job_id] - r["run_s"]) < 0.5, (job_id, elapsed[job_id], r["queue_s"], r["run_s"])
+        # Counted from the job's start: near its run time, and nearer it than to run + queue time wherever the job
+        # waited. The tolerance is the jitter of the start message's arrival on a loaded machine (0.56 s was seen).
+        from_start = abs(elapsed[job_id] - r["run_s"])
+        from_submission = abs(elapsed[job_id] - r["run_s"] - r["queue_s"])
+        assert from_start < 1.0 and (r["queue_s"] < 1.0 or from_start < from_submission), \
+            (job_id, elapsed[job_id], r["queue_s"], r["run_s"])
 
 
 def test_messages_that_arrive_before_the_prompt_is_registered_reach_its_tracker():
