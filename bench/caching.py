@@ -18,7 +18,7 @@ the motion in dB (mean squared frame difference against the uncached clip's; tar
 Models: "digits" and "digits-flow", the pack's trained SD1.5-architecture UNets (MNIST, pixel space,
 modelzoo/mnist_unet.py; eps with the karras schedule, rectified flow with the simple one; digits 3 and 7 against the
 null digit, CFG 2.5); "digits-<architecture>", the other trained digit models of modelzoo/digit_models.py (their
-8x8 latents included: digits-sd15_taesd and digits-flux_taef1 in TAESD's / TAEF1's real latent space);
+8x8 latents included: digits-sd15_taesd, -sdxl_taesdxl, -sd3_taesd3 and -flux_taef1 in real TAESD-family latents);
 "digits-page" / "digits-flow-page", the SD1.5 digit UNets on a 64x64 page (build_digit_page: the size at which
 the host caches' probe, which reads every 8th position, sees 8x8 positions); tiny seeded random-weight host models "sd15" (UNet),
 "mmdit4" (4 joint blocks), "flux12" (4 double + 8 single blocks), and "flux12-smooth" and "mmdit12-smooth" (that
@@ -169,7 +169,7 @@ TINY_DIT_FAMILIES = ("wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "ltxv"
 BUILDERS = {
     **{name: build_digits for name in ("digits", "digits-flow", "digits-sdxl", "digits-sd3", "digits-flux",
                                        "digits-qwen_image", "digits-lumina2", "digits-wan21", "digits-sd15_taesd",
-                                       "digits-flux_taef1")},
+                                       "digits-flux_taef1", "digits-sdxl_taesdxl", "digits-sd3_taesd3")},
     **{name: build_digit_page for name in ("digits-page", "digits-flow-page")},
     "sd15-full-smooth": lambda name, batch: build_sd15_full(name, 24, 1, smooth=True),   # one call takes seconds
     **{name: build_tiny_host for name in ("sd15", "mmdit", "flux", *DEEPER_DITS)},

@@ -21,9 +21,10 @@ Unconditional (the null digit), cfg 1: one model call per step for every sampler
 Models (`--model`): sd15 (the embedded pixel-space digit model, eps); sd15_unshuffle4 / sd15_unshuffle16 (the same
 network seen through an exact pixel-unshuffle "VAE": latents [B, 4, 16, 16] / [B, 16, 8, 8], the host's noise mask
 then works at latent resolution); or an architecture of the digit model zoo (modelzoo.digit_models: sdxl, sd3,
-flux, qwen_image (one-frame latents), lumina2), where that module and its weights exist; sd15_taesd and flux_taef1 are
-in real latent spaces: the 32 px digit is upscaled to 64 px RGB and goes through the real TAESD / TAEF1 encoder and
-decoder (../shared/models/taesd), the operator and the figures stay on the 32 px digit.
+flux, qwen_image (one-frame latents), lumina2), where that module and its weights exist; sd15_taesd, sdxl_taesdxl,
+sd3_taesd3 and flux_taef1 are in real latent spaces: the 32 px digit is upscaled to 64 px RGB and goes through the
+real TAESD / TAESDXL / TAESD3 / TAEF1 encoder and decoder (../shared/models/taesd), the operator and the figures
+stay on the 32 px digit.
 
 usage: python -m bench.restoration_host [--model sd15] [--tasks ...] [--calls 30] [--tune 6] [--samples 20]
 Writes bench/results/restoration_host_<model>.json and prints a markdown table.

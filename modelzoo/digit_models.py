@@ -93,24 +93,25 @@ _CONTEXT = mnist_unet.CONTEXT_DIM
 # The SD1.5 digit UNet with the real SD1.5 latent's 4 channels at 8x8 (the host's SD15 class, its own head count).
 _SD15_TAESD_UNET = {**mnist_unet.UNET_CONFIG, "image_size": VAE_IMAGE_SIZE // VAE_DOWNSCALE, "in_channels": 4,
                     "out_channels": 4}
+# SDXL's UNet: no attention at the top level, label_emb reading the host's encode_adm (pooled + size embeddings).
+_SDXL_UNET = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 2],
+    "num_res_blocks": [1, 1], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1, "context_dim": _CONTEXT, "use_linear_in_transformer": True,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+    "adm_in_channels": SDXL_ADM_CHANNELS, "use_checkpoint": False, "use_temporal_resblock": False,
+    "use_temporal_attention": False}
+# SD3's MMDiT at the smallest size the host's detection accepts (hidden = 64 x depth, one head per 64): UNETLoader
+# loads these files as SD3 (shift 3). 16 tokens of a 2x2 patch: the 8x8 latent of both the pixel and TAESD3 models.
+_SD3_MMDIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+    "adm_in_channels": POOLED_DIM, "pos_embed_max_size": 4, "num_patches": 16, "pos_embed_scaling_factor": None,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": _CONTEXT, "out_features": 128}}}
 ARCHITECTURES = {a.name: a for a in [
     Architecture("sd15", "SD1.5 UNet", "SD15", mnist_unet.UNET_CONFIG, mnist_unet.PREDICTIONS, channels=1),
-    # SDXL's UNet: no attention at the top level, label_emb reading the host's encode_adm (pooled + size embeddings).
-    Architecture("sdxl", "SDXL UNet", "SDXL", {
-        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 2],
-        "num_res_blocks": [1, 1], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
-        "transformer_depth_middle": 1, "context_dim": _CONTEXT, "use_linear_in_transformer": True,
-        "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
-        "adm_in_channels": SDXL_ADM_CHANNELS, "use_checkpoint": False, "use_temporal_resblock": False,
-        "use_temporal_attention": False}, ("eps",), channels=4, reads_pooled=True),
-    # SD3's MMDiT at the smallest size the host's detection accepts (hidden = 64 x depth, one head per 64):
-    # UNETLoader loads this file as SD3 (shift 3).
-    Architecture("sd3", "SD3 MMDiT", "SD3", {
-        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-        "adm_in_channels": POOLED_DIM, "pos_embed_max_size": 4, "num_patches": 16, "pos_embed_scaling_factor": None,
-        "context_embedder_config": {"target": "torch.nn.Linear",
-                                    "params": {"in_features": _CONTEXT, "out_features": 128}}},
-        ("flow",), channels=16, reads_pooled=True, stock_loader=True),
+    Architecture("sdxl", "SDXL UNet", "SDXL", _SDXL_UNET, ("eps",), channels=4, reads_pooled=True),
+    Architecture("sd3", "SD3 MMDiT", "SD3", _SD3_MMDIT, ("flow",), channels=16, reads_pooled=True,
+                 stock_loader=True),
     Architecture("flux", "Flux DiT", "Flux", {}, ("flow",), channels=16, reads_pooled=True),  # _flux_network()
     Architecture("qwen_image", "Qwen-Image MMDiT", "QwenImage", {
         "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 3,
@@ -129,11 +130,16 @@ ARCHITECTURES = {a.name: a for a in [
         "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "multiple_of": 32, "ffn_dim_multiplier": 4.0,
         "qk_norm": True, "cap_feat_dim": _CONTEXT, "axes_dims": [8, 12, 12], "axes_lens": [32, 32, 32],
         "rope_theta": 10000.0}, ("flow",), channels=16, sampling=(("shift", 1.0),)),
-    # The same families in their real latent spaces (TAESD / TAEF1): the host's own SD15 and Flux classes unchanged.
+    # The same families in their real latent spaces (TAESD, TAEF1, TAESDXL, TAESD3): the host's own classes unchanged.
     Architecture("sd15_taesd", "SD1.5 UNet (TAESD latents)", "SD15", _SD15_TAESD_UNET, ("eps",), channels=4,
                  vae="taesd"),
     Architecture("flux_taef1", "Flux DiT (TAEF1 latents)", "Flux", {}, ("flow",), channels=16, reads_pooled=True,
                  vae="taef1"),
+    Architecture("sdxl_taesdxl", "SDXL UNet (TAESDXL latents)", "SDXL",
+                 {**_SDXL_UNET, "image_size": VAE_IMAGE_SIZE // VAE_DOWNSCALE}, ("eps",), channels=4,
+                 reads_pooled=True, vae="taesdxl"),
+    Architecture("sd3_taesd3", "SD3 MMDiT (TAESD3 latents)", "SD3", _SD3_MMDIT, ("flow",), channels=16,
+                 reads_pooled=True, stock_loader=True, vae="taesd3"),
 ]}
 
 

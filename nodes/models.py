@@ -16,8 +16,8 @@ INPUT_CHECK_KEY = "quickstep_digit_inputs"
 # pixel-unshuffle one); the host's samplers copy a latent's keys to their output, so the decoder can check it.
 LATENT_VAE_KEY = "quickstep_digit_vae"
 _ARCH_TOOLTIP = ("Which host architecture: sd15 (UNet, pixels), sdxl (UNet), sd3 (MMDiT), flux, qwen_image, "
-                 "wan21 (video), lumina2; sd15_taesd and flux_taef1 are SD1.5 and Flux in their real latent spaces "
-                 "(decode with VAE Loader taesd / taef1).")
+                 "wan21 (video), lumina2; sd15_taesd, sdxl_taesdxl, sd3_taesd3 and flux_taef1 are those families "
+                 "in their real latent spaces (decode with VAE Loader taesd / taesdxl / taesd3 / taef1).")
 
 
 def _architecture_input():
@@ -56,8 +56,9 @@ class QuickstepDigitModel(io.ComfyNode):
                         "own architectures (no download): sd15 (UNet on 32x32 pixels, eps or flow), sdxl (UNet, "
                         "eps), sd3 (MMDiT), flux (double + single blocks, guidance input; sample with true CFG), "
                         "qwen_image, wan21 (4-frame clips of a moving digit), lumina2; all flow except sdxl. "
-                        "sd15_taesd (eps) and flux_taef1 were trained in the real latent spaces of TAESD and TAEF1 "
-                        "(64 px digits, 8x8 latents): decode them with the VAE Loader's taesd / taef1. "
+                        "sd15_taesd (eps), sdxl_taesdxl (eps), sd3_taesd3 and flux_taef1 were trained in the real "
+                        "latent spaces of TAESD, TAESDXL, TAESD3 and TAEF1 (64 px digits, 8x8 latents): decode "
+                        "them with the VAE Loader's taesd / taesdxl / taesd3 / taef1. "
                         "'distilled' picks the one-step students of the sd15 flow model (CFG 2 baked in: sample at "
                         "cfg 1): consistency (1-2 steps, e.g. the TCD Sampler at gamma 1) or DSNO-style (exactly one "
                         "step, from sigma 1).",
@@ -135,8 +136,9 @@ class QuickstepEmptyDigitLatent(io.ComfyNode):
             category=f"{CATEGORY}/models",
             description="A blank page (black background) in the latent space of the chosen digit architecture: "
                         "sd15 32x32 pixels [B, 1, 32, 32]; sdxl [B, 4, 16, 16]; sd3, flux, lumina2 [B, 16, 8, 8]; "
-                        "qwen_image [B, 16, 1, 8, 8]; wan21 video [B, 16, frames, 8, 8]; sd15_taesd [B, 4, 8, 8] and "
-                        "flux_taef1 [B, 16, 8, 8], zeros as the stock empty latents of a 64x64 image.",
+                        "qwen_image [B, 16, 1, 8, 8]; wan21 video [B, 16, frames, 8, 8]; sd15_taesd and sdxl_taesdxl "
+                        "[B, 4, 8, 8], sd3_taesd3 and flux_taef1 [B, 16, 8, 8], zeros as the stock empty latents "
+                        "of a 64x64 image.",
             inputs=[io.Int.Input("batch_size", default=1, min=1, max=4096,
                                  tooltip="How many digits (wan21: clips) to draw."),
                     _architecture_input(),
@@ -162,12 +164,14 @@ class QuickstepDigitToImage(io.ComfyNode):
             display_name="Digit Latent to Image",
             category=f"{CATEGORY}/models",
             description="Decodes any digit model's latent into an IMAGE (28x28, grey in RGB): the digit models' "
-                        "exact 'VAE decode' (pixel shuffle), or for sd15_taesd / flux_taef1 the real VAE connected "
-                        "to vae. A video latent gives its frames as a batch of images, clip after clip.",
+                        "exact 'VAE decode' (pixel shuffle), or for the real-latent models (sd15_taesd, sdxl_taesdxl, "
+                        "sd3_taesd3, flux_taef1) the real VAE connected to vae. A video latent gives its frames "
+                        "as a batch of images, clip after clip.",
             inputs=[io.Latent.Input("samples", tooltip="A latent sampled with a digit model (any architecture)."),
                     io.Vae.Input("vae", optional=True,
-                                 tooltip="Only for sd15_taesd / flux_taef1: the VAE of their latent space "
-                                         "(VAE Loader taesd / taef1). Leave empty for the other architectures.")],
+                                 tooltip="Only for the real-latent models: the VAE of their latent space (VAE "
+                                         "Loader taesd, taesdxl, taesd3 or taef1 by the architecture's "
+                                         "suffix). Leave empty for the other architectures.")],
             outputs=[io.Image.Output()])
 
     @classmethod

@@ -11,8 +11,9 @@ all settings are argparse defaults and are written into the file's metadata.
   flow: x = (1 - sigma) * x0 + sigma * noise with sigma logit-normal (SD3's choice), a --uniform-sigma fraction
         of rows uniform in (0, 1); loss on the velocity noise - x0.
 x0 is the family's latent of a training digit (Wan: a clip of the digit drifting a few pixels per frame) after the
-family's process_latent_in; for the real-VAE families (sd15_taesd, flux_taef1) every training digit is encoded once,
-up front, by the host's VAE.encode of that TAESD (--taesd-dir), and evaluation decodes through it. The digit table is learned by the SD1.5 eps model only; every other model reads it
+family's process_latent_in; for the real-VAE families (sd15_taesd, sdxl_taesdxl, sd3_taesd3, flux_taef1) every
+training digit is encoded once, up front, by the host's VAE.encode of that TAESD (--taesd-dir), and evaluation
+decodes through it. The digit table is learned by the SD1.5 eps model only; every other model reads it
 frozen, so one Digit Conditioning serves them all. The digit label is dropped (the null row) with probability
 --label-dropout, which is what makes CFG work. Every step's conditioning also carries a random guidance value in
 [1, 5] (one per step): Flux reads it through its guidance embedding and learns to ignore it (it is not distilled:
@@ -467,7 +468,7 @@ def main(argv=None):
                         "mnist_unet_<prediction> for SD1.5)")
     from testbed.mnist_ddpm import MODELS_DIR
     parser.add_argument("--taesd-dir", default=str(MODELS_DIR / "taesd"),
-                        help="folder of the TAESD-family files (real-VAE architectures: sd15_taesd, flux_taef1)")
+                        help="folder of the TAESD-family files (the real-VAE architectures)")
     parser.add_argument("--evaluate", default="", help="evaluate this weights file instead of training")
     parser.add_argument("--record", action="store_true", help="with --evaluate: write the figures into the file")
     parser.add_argument("--grid", default="", help="sample grid PNG (default: docs/digit_samples_<architecture>.png; "

@@ -69,6 +69,24 @@ def prepare_base(base, with_testbed_nodes=False):
     return base
 
 
+def install_real_taesd(base, names):
+    """Copy the real TAESD-family files `names` (taesd, taef1, taesdxl, taesd3) from ../shared/models/taesd into the
+    base's models/vae_approx, where the stock VAELoader lists them by name, replacing a different file there (a
+    seeded stand-in). Returns the files that are missing in ../shared (nothing is copied then)."""
+    import filecmp
+    import shutil
+
+    from testbed.mnist_ddpm import MODELS_DIR
+    files = [MODELS_DIR / "taesd" / f"{name}_{part}.safetensors" for name in names for part in ("encoder", "decoder")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not missing:
+        approx = Path(base) / "models" / "vae_approx"
+        for f in files:
+            if not (approx / f.name).exists() or not filecmp.cmp(f, approx / f.name, shallow=False):
+                shutil.copyfile(f, approx / f.name)
+    return missing
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,13 +9,13 @@ import pytest
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK_DIR))   # appended: ComfyUI's own top-level modules (nodes, utils) must win
 
-from testbed.host import HOST_DIR, Client, Server, prepare_base  # noqa: E402
+from testbed.host import HOST_DIR, Client, Server, install_real_taesd, prepare_base  # noqa: E402
 # Import the pack's plain-torch packages now: once the host starts, ComfyUI puts ComfyUI/comfy first on sys.path,
 # where comfy/samplers.py would shadow this pack's samplers/ for any later `import samplers`.
 import modelzoo  # noqa: E402,F401
 import samplers  # noqa: E402,F401
 
-REAL_TAESD = ("taesd", "taef1")   # not taesd3: test_workflows seeds a stand-in of its own under that name
+REAL_TAESD = ("taesd", "taef1", "taesdxl", "taesd3")
 
 
 @pytest.fixture(scope="session")
@@ -26,22 +26,13 @@ def host_base():
 
 @pytest.fixture(scope="session")
 def real_taesd(host_base):
-    """The real TAESD and TAEF1 from ../shared/models/taesd, copied into the test base's models/vae_approx, where
-    the stock VAELoader lists them as 'taesd' and 'taef1'; returns that folder. Skips, saying which file is missing,
-    where ../shared is absent."""
-    import shutil
-
-    from testbed import mnist_ddpm
-    files = [mnist_ddpm.MODELS_DIR / "taesd" / f"{name}_{part}.safetensors" for name in REAL_TAESD
-             for part in ("encoder", "decoder")]
-    missing = [str(f) for f in files if not f.is_file()]
+    """The real TAESD-family files from ../shared/models/taesd in the test base's models/vae_approx, where the stock
+    VAELoader lists them by name (taesd, taef1, taesdxl, taesd3); returns that folder. Skips, naming the missing
+    files, where ../shared is absent."""
+    missing = install_real_taesd(host_base, REAL_TAESD)
     if missing:
         pytest.skip(f"the real TAESD files are not here: {', '.join(missing)}")
-    approx = host_base / "models" / "vae_approx"
-    for f in files:
-        if not (approx / f.name).exists():
-            shutil.copyfile(f, approx / f.name)
-    return approx
+    return host_base / "models" / "vae_approx"
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,8 @@ _spec = importlib.util.spec_from_file_location("make_ui_workflows", PACK_DIR / "
 make_ui_workflows = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_ui_workflows)
 
-# (class_type, input) -> the test bed's file. The SD3 workflow's VAE becomes a seeded TAESD3 (written below): the
-# test bed has no full SD3 VAE, and VAELoader takes "taesd3" as one of its own names.
+# (class_type, input) -> the test bed's file. The SD3 workflow's VAE becomes TAESD3 (test_files): the test bed has
+# no full SD3 VAE, and VAELoader takes "taesd3" as one of its own names.
 TEST_FILES = {("CheckpointLoaderSimple", "ckpt_name"): CHECKPOINT, ("UNETLoader", "unet_name"): MMDIT_FILE,
               ("VAELoader", "vae_name"): "taesd3", ("LoadImage", "image"): TEST_IMAGE}
 # The model files a user picks, by the folder their loader lists
@@ -199,19 +199,22 @@ def check_against_object_info(api, object_info, user_files_allowed):
 
 @pytest.fixture(scope="module")
 def test_files(host_base, inproc):
-    """The input photo for LoadImage and a seeded TAESD3 (the SD3 workflow's decoder) in the test base."""
+    """The input photo for LoadImage and TAESD3 (the SD3 workflow's decoder) in the test base: the real one from
+    ../shared/models/taesd, or a seeded stand-in where that is absent."""
     import numpy as np
     from PIL import Image
     from safetensors.torch import save_file
 
     import comfy.taesd.taesd
     from modelzoo.tiny_host import seeded_init_
+    from testbed.host import install_real_taesd
 
     yy, xx = np.mgrid[0:96, 0:96]
     photo = np.stack([xx * 2.6, yy * 2.6, (xx + yy) * 1.3], axis=-1).astype(np.uint8)
     Image.fromarray(photo).save(host_base / "input" / TEST_IMAGE)
     approx = host_base / "models" / "vae_approx"
-    if not (approx / "taesd3_decoder.safetensors").exists():
+    # the real one where ../shared has it (the real-latent SD3 digit model's tests decode with the same file)
+    if install_real_taesd(host_base, ["taesd3"]) and not (approx / "taesd3_decoder.safetensors").exists():
         taesd3 = comfy.taesd.taesd.TAESD(latent_channels=16)
         seeded_init_(taesd3, 3)
         for part in ("encoder", "decoder"):
