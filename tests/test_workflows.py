@@ -209,8 +209,9 @@ def test_files(host_base, inproc):
     from modelzoo.tiny_host import seeded_init_
     from testbed.host import install_real_taesd
 
-    yy, xx = np.mgrid[0:96, 0:96]
-    photo = np.stack([xx * 2.6, yy * 2.6, (xx + yy) * 1.3], axis=-1).astype(np.uint8)
+    # 64 px: the super-resolution workflow's DAPS runs its Langevin steps through the decoder at twice that side
+    yy, xx = np.mgrid[0:64, 0:64]
+    photo = np.stack([xx * 3.9, yy * 3.9, (xx + yy) * 1.95], axis=-1).astype(np.uint8)
     Image.fromarray(photo).save(host_base / "input" / TEST_IMAGE)
     approx = host_base / "models" / "vae_approx"
     # the real one where ../shared has it (the real-latent SD3 digit model's tests decode with the same file)
