@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 from modelzoo import tiny_host
+from modelzoo.digit_models import ARCHITECTURES
 from samplers.operators import ssim as image_ssim
 from testbed.host import HOST_DIR, PACK_DIR
 
@@ -167,9 +168,9 @@ DEEPER_DITS = {
 
 TINY_DIT_FAMILIES = ("wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "ltxv", "chroma", "lumina2", "z_image")
 BUILDERS = {
-    **{name: build_digits for name in ("digits", "digits-flow", "digits-sdxl", "digits-sd3", "digits-flux",
-                                       "digits-qwen_image", "digits-lumina2", "digits-wan21", "digits-sd15_taesd",
-                                       "digits-flux_taef1", "digits-sdxl_taesdxl", "digits-sd3_taesd3")},
+    # "digits" / "digits-flow" are the SD1.5 UNets; every other zoo architecture is "digits-<name>"
+    **{name: build_digits for name in ("digits", "digits-flow", *(f"digits-{arch}" for arch in ARCHITECTURES
+                                                                   if arch != "sd15"))},
     **{name: build_digit_page for name in ("digits-page", "digits-flow-page")},
     "sd15-full-smooth": lambda name, batch: build_sd15_full(name, 24, 1, smooth=True),   # one call takes seconds
     **{name: build_tiny_host for name in ("sd15", "mmdit", "flux", *DEEPER_DITS)},
