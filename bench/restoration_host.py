@@ -10,7 +10,8 @@ The host's ways to restore, run through the host's own nodes and functions, each
 channels these digit models lack; on a model without them VAEEncodeForInpaint is noise-mask inpainting from a grey
 hole with the mask grown by 6 px.)
 Quickstep's rows: the Restoration Sampler's methods (`--ours`, default DAPS and DiffPIR, each at its tuned setting) from
-the model's empty latent, the operator acting on pixels (through the decoder on latent models).
+the model's empty latent, the operator acting on pixels (through the decoder on latent models), on a schedule of the
+model's whole range; the schedule (`--schedulers`, host scheduler names) is one of the tuned settings.
 
 Protocol: every candidate setting (host and ours) runs on `--tune` tuning digits (from the training split); the best
 of each method family there is run on `--samples` held-out digits (modelzoo.mnist_unet.mnist_split: the last 50 of
@@ -27,6 +28,8 @@ real TAESD / TAESDXL / TAESD3 / TAEF1 encoder and decoder (../shared/models/taes
 stay on the 32 px digit.
 
 usage: python -m bench.restoration_host [--model sd15] [--tasks ...] [--calls 30] [--tune 6] [--samples 20]
+                                        [--ours daps diffpir] [--schedulers karras simple] [--particles 1 2 4]
+                                        [--daps-tau 0.01 0.05]
 Writes bench/results/restoration_host_<model>.json and prints a markdown table.
 """
 import argparse
@@ -50,6 +53,7 @@ DENOISE = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)      # euler; euler_ancestral at the 
 MASK_DENOISE = (0.85, 1.0)
 HOST_SAMPLERS = ("euler", "euler_ancestral")
 PARTICLES = (1, 2, 4)       # chains averaged, each with calls / particles steps: a tuned setting of every method
+DAPS_TAUS = (0.01, 0.05)
 TASKS = ("sr_x2", "sr_x4", "inpaint_box50", "inpaint_random50", "inpaint_strokes", "deblur_g2_noisy", "jpeg_q20")
 
 
@@ -156,8 +160,8 @@ def host_candidates(task):
             if s == "euler" or d >= 0.5]
 
 
-def our_candidates(task, methods):
-    table = {"daps": [{"daps_prior_std": 1.0, "daps_tau": t} for t in (0.01, 0.05)],
+def our_candidates(task, methods, schedulers=("karras",), particles=PARTICLES, daps_taus=DAPS_TAUS):
+    table = {"daps": [{"daps_prior_std": 1.0, "daps_tau": t} for t in daps_taus],
              "pigdm": [{"eta": 1.0}], "diffpir": [{"diffpir_zeta": 1.0}], "ddnm": [{"eta": 1.0}],
              "dps": [{"eta": 1.0}], "reddiff": [{}]}
     out = []
@@ -167,7 +171,8 @@ def our_candidates(task, methods):
         for options in table[method]:
             if task == "jpeg_q20" and method == "daps":
                 options = dict(options, daps_tau=max(options["daps_tau"], 0.01))
-            out.extend((method, dict(options, method=method, particles=k)) for k in PARTICLES)
+            out.extend((method, dict(options, method=method, particles=k, scheduler=scheduler))
+                       for scheduler in schedulers for k in particles)
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
@@ -175,9 +180,9 @@ class Runner:
     def __init__(self, prior, calls):
         self.prior, self.calls = prior, calls
 
-    def sigmas(self, steps):
+    def sigmas(self, steps, scheduler="karras"):
         import comfy.samplers
-        return comfy.samplers.calculate_sigmas(self.prior.patcher.get_model_object("model_sampling"), "karras",
+        return comfy.samplers.calculate_sigmas(self.prior.patcher.get_model_object("model_sampling"), scheduler,
                                                steps).cpu()
 
     def host(self, kind, setting, op, y, batch):
@@ -202,11 +207,12 @@ class Runner:
                                        latent, denoise=setting["denoise"])
         return prior.decode(out["samples"]).cpu(), calls.count
 
-    def ours(self, options, op, y, batch):
+    def ours(self, setting, op, y, batch):
         import comfy.sample
         import comfy.samplers
         prior = self.prior
         decoder = prior.state_decoder()
+        options = {k: v for k, v in setting.items() if k != "scheduler"}
         sampler = comfy.samplers.KSAMPLER(guidance.sample_restoration,
                                           extra_options=dict(options, operator=op, measurement=y, decoder=decoder))
         empty = prior.encode(torch.full((batch, 1, SIZE, SIZE), -1.0))
@@ -217,8 +223,9 @@ class Runner:
         decoder_weights = (guidance.autograd_weights(prior.vae.first_stage_model) if prior.vae is not None
                            else contextlib.nullcontext())
         with decoder_weights:
-            out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, self.sigmas(self.calls // particles),
-                                             cond, cond, empty, disable_pbar=True, seed=0)
+            sigmas = self.sigmas(self.calls // particles, setting.get("scheduler", "karras"))
+            out = comfy.sample.sample_custom(calls.model, noise, 1.0, sampler, sigmas, cond, cond, empty,
+                                             disable_pbar=True, seed=0)
         return prior.decode(out).cpu(), calls.count * particles     # each call evaluates every particle
 
 
@@ -271,6 +278,12 @@ def main(argv=None):
     parser.add_argument("--tune", type=int, default=6, help="tuning digits (training split)")
     parser.add_argument("--samples", type=int, default=20, help="held-out digits")
     parser.add_argument("--ours", nargs="+", default=["daps", "diffpir"], help="Restoration Sampler methods to run")
+    parser.add_argument("--schedulers", nargs="+", default=["karras", "simple"],
+                        help="host schedulers our methods are tuned over (the host's img2img runs on karras)")
+    parser.add_argument("--particles", nargs="+", type=int, default=list(PARTICLES),
+                        help="chain counts our methods are tuned over")
+    parser.add_argument("--daps-tau", nargs="+", type=float, default=list(DAPS_TAUS),
+                        help="DAPS likelihood floors our DAPS rows are tuned over")
     parser.add_argument("--out", default=None)
     parser.add_argument("--base", default=str(HOST_DIR / "benchbase"),
                         help="the host's base directory (custom_nodes linked to this checkout)")
@@ -292,8 +305,9 @@ def main(argv=None):
     for task in args.tasks:
         op = task_operator(task)
         uses_net = net if task.startswith("inpaint") else None
+        ours = our_candidates(task, args.ours, args.schedulers, args.particles, args.daps_tau)
         candidates = [("host", kind, s) for kind, s in host_candidates(task)] + \
-                     [("ours", method, s) for method, s in our_candidates(task, args.ours)]
+                     [("ours", method, s) for method, s in ours]
         tuning, best = [], {}
         for split, count in (("tune", args.tune), ("heldout", args.samples)):
             clean, labels = digits(split, count)
