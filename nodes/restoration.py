@@ -379,10 +379,10 @@ RESTORE_DEFAULTS = {"super_resolution_x2": dict(DIFFPIR_FRESH, particles=2),
 VAE_DEFAULTS = dict({task: DAPS_DEFAULT for task in RESTORE_TASKS},                    # x2 SR, colorize: not measured
                     super_resolution_x4=dict(DAPS_DEFAULT, particles=2))
 # The schedule of the model's whole range: karras without a VAE; through a VAE DAPS on the host's 'simple' schedule,
-# the better of the two on the tuning digits of four real-latent tasks by +0.29 dB on average (best setting of each:
-# SDXL / TAESDXL x4 SR 17.32 vs 16.82 dB, SD3 / TAESD3 box 15.12 vs 14.28, Flux / TAEF1 box 14.51 each, SD3 /
-# TAESD3 x4 SR 18.06 vs 18.23): karras spends most of DAPS's few annealing steps at low noise, where its posterior
-# step barely moves the sample off the model's guess.
+# chosen when it was the better of the two on the tuning digits of four real-latent tasks by +0.29 dB on average
+# (best setting of each: SDXL / TAESDXL x4 SR 17.32 vs 16.82 dB, SD3 / TAESD3 box 15.12 vs 14.28, Flux / TAEF1 box
+# 14.51 each, SD3 / TAESD3 x4 SR 18.06 vs 18.23); two tasks measured after that went to karras (SDXL box 13.88 vs
+# 14.25, SD3 deblurring 20.88 vs 21.29), so over six it is a wash (+0.07 dB): not a measured win either way.
 SCHEDULER, VAE_SCHEDULER = "karras", "simple"
 FAR_HOLE = 1 / 8
 FAR_HOLE_PARTICLES = {"diffpir": 2, "daps": 4}
