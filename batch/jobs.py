@@ -163,6 +163,16 @@ def _job_id(prompt, seen):
     return digest if seen[digest] == 1 else f"{digest}-{seen[digest]}"
 
 
+def _name_outputs(prompt, job_id):
+    """Puts the job id into every saved file's name prefix. Servers that share one output folder (several instances
+    of one install) number their files by scanning that folder, so two jobs saving at once could both write
+    `prefix_00001_.png` and each server would then serve the other's image as its own job's."""
+    for node in prompt.values():
+        prefix = node["inputs"].get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = f"{prefix}_{job_id}"
+
+
 def _apply(api, params, object_info):
     prompt = json.loads(json.dumps(api))
     targets = {}
@@ -176,7 +186,8 @@ def _apply(api, params, object_info):
 def build_jobs(api, grid=None, rows=None, reference=None, object_info=None):
     """The jobs of a batch: the product of `grid` ({key: [values]}) or one per row of `rows` (list of {key: value}),
     and, with `reference` ({key: value}), one reference job per distinct job-with-reference-values applied.
-    Job ids are content hashes of the final graph, so a resumed batch recognises its finished jobs."""
+    Job ids are content hashes of the graph with the values applied, so a resumed batch recognises its finished jobs;
+    each job's saved files then carry its id (`_name_outputs`)."""
     if rows is None:
         grid = grid or {}
         keys = list(grid)
@@ -193,6 +204,7 @@ def build_jobs(api, grid=None, rows=None, reference=None, object_info=None):
     for params in rows:
         prompt, targets = _apply(api, params, object_info)
         job = Job(_job_id(prompt, seen), params, prompt, targets=targets)
+        _name_outputs(prompt, job.job_id)
         if reference:
             ref_params = {**params, **reference}
             ref_prompt, ref_targets = _apply(api, ref_params, object_info)
@@ -200,6 +212,7 @@ def build_jobs(api, grid=None, rows=None, reference=None, object_info=None):
             if key not in references:
                 references[key] = Job(_job_id(ref_prompt, seen), ref_params, ref_prompt, role="reference",
                                       targets=ref_targets)
+                _name_outputs(ref_prompt, references[key].job_id)
             job.reference_id = references[key].job_id
         jobs.append(job)
     return list(references.values()) + jobs

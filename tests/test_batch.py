@@ -58,6 +58,19 @@ def test_grid_keys_resolve_ids_titles_and_aliases():
         (1, 3), (1, 4), (2, 3), (2, 4)}
 
 
+def test_every_job_saves_under_its_own_file_names():
+    """Two servers of one install share an output folder and number files by scanning it: jobs saving at once under
+    one prefix overwrote each other and each server served the other's image (seen as a steps=12 job 0.27 RMSE
+    from its identical steps=12 reference). Each job, the reference identical to a job included, gets its own."""
+    api = json.loads(API.read_text())
+    jobs = build_jobs(api, grid={"seed": [1, 2], "steps": [3, 12]}, reference={"steps": 12})
+    prefixes = [j.prompt["7"]["inputs"]["filename_prefix"] for j in jobs]
+    assert prefixes == [f"quickstep_digits_{j.job_id}" for j in jobs] and len(set(prefixes)) == len(jobs) == 6
+    assert api["7"]["inputs"]["filename_prefix"] == "quickstep_digits"   # the user's workflow is untouched
+    assert [j.job_id for j in build_jobs(api, grid={"seed": [1, 2], "steps": [3, 12]}, reference={"steps": 12})] \
+        == [j.job_id for j in jobs]   # ids do not depend on the naming: a resumed batch finds its jobs
+
+
 def _run_cli_without(modules, tmp_path, *args):
     """`python -m batch ARGS` in a Python where `modules` cannot be imported: each is shadowed by a package on
     PYTHONPATH whose import fails as a missing module's does (whatever this venv has installed)."""
