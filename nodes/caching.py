@@ -29,8 +29,9 @@ How they hook into the host (public extension points only; the input model is ne
   blocks return their input and the last one adds the forecast residual. The last Bn blocks always run on top.
   ControlNet / VACE residuals the host adds between blocks still run on every block.
 
-- Model Cache (every model: a DIFFUSION_MODEL wrapper): caches the whole output's residual and forecasts it; see
-  samplers.cache_runs.ModelCacheRun. HiDream and Lumina2 / Z-Image offer no block patch: this is their cache.
+- Model Cache (every model: a DIFFUSION_MODEL wrapper, and an APPLY_MODEL wrapper for the models whose forward does
+  not call DIFFUSION_MODEL wrappers, SD3's MMDiT among them): caches the whole output's residual and forecasts it;
+  see samplers.cache_runs.ModelCacheRun. HiDream and Lumina2 / Z-Image offer no block patch: this is their cache.
 
 - Calibrated policy (MagCache): the Calibrate Cache node samples once with the cache computing every step, records
   the magnitude curve of the cached tensor and writes it as JSON (write-then-rename) under
@@ -745,8 +746,9 @@ def _model_cache_wrapper(executor, *args, **kwargs):
     this frame only; the diffusion model it calls compiles as usual."""
     to = wrapper_argument(executor, args, kwargs, "transformer_options") or {}
     run = to.get(KEY)
-    if not isinstance(run, runs.ModelCacheRun):
+    if not isinstance(run, runs.ModelCacheRun) or run.hook == "apply_model":
         return executor(*args, **kwargs)
+    run.hook = "diffusion_model"
     x = wrapper_argument(executor, args, kwargs, "x")
     out = run.lookup(x, _sigma_of(to, "Model Cache"), to.get("uuids", []))
     if out is not None:
@@ -754,7 +756,58 @@ def _model_cache_wrapper(executor, *args, **kwargs):
     return run.store(x, executor(*args, **kwargs))
 
 
+class _OutputFrame:
+    """The diffusion model's own input and output seen from apply_model, whose output is the denoised latent: every
+    host model_sampling computes denoised = offset + scale * model_output (affine in the output), so the output is
+    (denoised - offset) / scale, and a forecast output becomes denoised the way the host makes it."""
+
+    def __init__(self, model_sampling, sigma, x):
+        self.ms, self.sigma, self.x = model_sampling, sigma, x
+        self.input = model_sampling.calculate_input(sigma, x)
+        self.offset = model_sampling.calculate_denoised(sigma, torch.zeros_like(x), x)
+        self.scale = model_sampling.calculate_denoised(sigma, torch.ones_like(x), torch.zeros_like(x)) - \
+            model_sampling.calculate_denoised(sigma, torch.zeros_like(x), torch.zeros_like(x))
+
+    def invertible(self):
+        return bool((self.scale != 0).all())
+
+    def output(self, denoised):
+        return (denoised - self.offset) / self.scale
+
+    def denoised(self, output):
+        return self.ms.calculate_denoised(self.sigma, output.float(), self.x)
+
+
+def _model_cache_apply_wrapper(executor, *args, **kwargs):
+    """APPLY_MODEL wrapper for the models whose forward never calls the host's DIFFUSION_MODEL wrappers (SD3 / SD3.5's
+    MMDiT on 0.3.75 and on 0.33, where the Model Cache, like the host's EasyCache, silently skipped nothing): the same
+    cache, in the diffusion model's frame (_OutputFrame). A run's first call tells which hook the model reaches."""
+    to = wrapper_argument(executor, args, kwargs, "transformer_options") or {}
+    run = to.get(KEY)
+    if not isinstance(run, runs.ModelCacheRun) or run.hook == "diffusion_model":
+        return executor(*args, **kwargs)
+    x = wrapper_argument(executor, args, kwargs, "x")
+    frame = _OutputFrame(executor.class_obj.model_sampling, wrapper_argument(executor, args, kwargs, "t"), x)
+    if not frame.invertible():       # a call at sigma 0 (no sampler makes one): nothing to cache
+        return executor(*args, **kwargs)
+    sigma, uuids = _sigma_of(to, "Model Cache"), to.get("uuids", [])
+    if run.hook is None:             # the first call: does the model reach the DIFFUSION_MODEL wrapper?
+        denoised = executor(*args, **kwargs)
+        if run.hook is None:
+            run.hook = "apply_model"
+            run.lookup(frame.input, sigma, uuids)      # nothing stored yet: counts the call, computes
+            run.store(frame.input, frame.output(denoised))
+        return denoised
+    cached = run.lookup(frame.input, sigma, uuids)
+    if cached is not None:
+        return frame.denoised(cached)
+    denoised = executor(*args, **kwargs)
+    run.store(frame.input, frame.output(denoised))
+    return denoised
+
+
 _model_cache_wrapper = torch._dynamo.disable(_model_cache_wrapper, recursive=False)
+_model_cache_apply_wrapper = torch._dynamo.disable(_model_cache_apply_wrapper, recursive=False)
 
 
 class QuickstepModelCache(io.ComfyNode):
@@ -799,6 +852,7 @@ class QuickstepModelCache(io.ComfyNode):
         import comfy.patcher_extension as pe
         out = _attach(node, model, "ModelCache", layout, config, runs.ModelCacheRun)
         out.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, _model_cache_wrapper)
+        out.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, KEY, _model_cache_apply_wrapper)
         text = (f"Model Cache on {type(model.model.diffusion_model).__name__}: {config.describe()}; "
                 f"{_memory_text(model, layout, config)}; each run logs what it skipped")
         return io.NodeOutput(out, ui=ui.PreviewText(text))

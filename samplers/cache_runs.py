@@ -185,6 +185,8 @@ class ModelCacheRun(RunState):
         super().__init__("ModelCache", sigmas, config, start_sigma, end_sigma, storage)
         self.layout = layout
         self.skipped_calls = 0
+        self.hook = None    # the host call the cache works at: "diffusion_model", or "apply_model" for a model
+                            # whose forward skips the host's DIFFUSION_MODEL wrappers (set by the node's wrappers)
 
     @staticmethod
     def _input_part(x, channels):
@@ -239,5 +241,7 @@ class ModelCacheRun(RunState):
                 f"{self.steps} steps, {self.skipped_calls} forecast"
                 + (f" ({self.forecaster} from {fc / self.skipped_calls:.1f} points avg)"
                    if self.skipped_calls and self.forecaster != "reuse" else "")
+                + (" (at apply_model: this model's forward skips the DIFFUSION_MODEL wrappers)"
+                   if self.hook == "apply_model" else "")
                 + f"; {self.memory_text()}")
-        return self.summary(line, calls, computed=calls - self.skipped_calls)
+        return self.summary(line, calls, computed=calls - self.skipped_calls, hook=self.hook)

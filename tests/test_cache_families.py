@@ -148,6 +148,54 @@ def test_model_cache_leaves_the_sampler_input_untouched(inproc):
     assert seen and all(seen)
 
 
+def sample_tiny_host(arch, patcher, steps=10):
+    """sample() for modelzoo.tiny_host's models (SD3's MMDiT, the SD1.5 UNet): euler, CFG 3 against another context."""
+    import comfy.sample
+    import comfy.samplers
+    from modelzoo import tiny_host
+    shape = (1, 4 if arch == "sd15" else 16, 16, 16)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"),
+                                             "normal" if arch == "sd15" else "simple", steps).cpu()
+    return comfy.sample.sample_custom(patcher, noise, 3.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                      tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1),
+                                      torch.zeros(shape), disable_pbar=True, seed=0)
+
+
+def test_model_cache_serves_sd3_whose_forward_skips_the_diffusion_model_wrappers(inproc):
+    """SD3's MMDiT never calls the host's DIFFUSION_MODEL wrappers (on 0.3.75 and 0.33): the Model Cache used to skip
+    nothing there, silently (as the host's EasyCache still does). It now works from apply_model on such a model."""
+    from modelzoo import tiny_host
+    base = tiny_host.build_tiny("mmdit", 0)
+    plain = sample_tiny_host("mmdit", base)
+    never = sample_tiny_host("mmdit", model_cache(base))
+    assert (never - plain).abs().max().item() <= 1e-5 and last("ModelCache")["hook"] == "apply_model"
+    cached = sample_tiny_host("mmdit", model_cache(base, **MODEL_SKIPPING))
+    summary = last("ModelCache")
+    assert summary["computed"] < summary["calls"] and "at apply_model" in summary["line"], summary["line"]
+    assert psnr(cached, plain) > 15.0, (psnr(cached, plain), summary["line"])
+
+
+@pytest.mark.parametrize("model", ["lumina2", "sd15"])
+def test_model_cache_gives_the_same_run_from_apply_model_as_from_the_diffusion_model(inproc, model):
+    """The apply_model hook recovers the diffusion model's own input and output from the denoised latent (flow and
+    eps algebra here): with the DIFFUSION_MODEL wrapper removed, the same skips and the same forecasts."""
+    import comfy.patcher_extension as pe
+    from modelzoo import tiny_host
+    base = tiny(model) if model == "lumina2" else tiny_host.build_tiny("sd15", 0)
+    run = (lambda p: sample(model, p)) if model == "lumina2" else (lambda p: sample_tiny_host(model, p))
+    cached = model_cache(base, **MODEL_SKIPPING)
+    from_diffusion_model = run(cached)
+    first = dict(last("ModelCache"))
+    from_apply_model = cached.clone()
+    from_apply_model.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, cache_module().KEY)
+    second = run(from_apply_model)
+    assert (first["hook"], last("ModelCache")["hook"]) == ("diffusion_model", "apply_model")
+    assert first["computed"] < first["calls"] and (first["computed"], first["calls"]) == (
+        last("ModelCache")["computed"], last("ModelCache")["calls"])
+    assert psnr(second, from_diffusion_model) > 80.0, psnr(second, from_diffusion_model)
+
+
 # ------------------------------------------------------------------------------------------------ Wan 2.2 two experts
 
 def two_expert(high, low, steps=10, switch=5):
