@@ -1,4 +1,4 @@
-"""Small seeded models of the host's 2026 DiT families (Wan 2.1/2.2 T2V and I2V, Qwen-Image, HunyuanVideo, LTXV,
+"""Small seeded models of the host's 2026 DiT families (Wan 2.1/2.2 T2V, I2V and VACE, Qwen-Image, HunyuanVideo, LTXV,
 Chroma, Lumina2 / Z-Image, HiDream), built from ComfyUI's own model classes through its supported-model configs,
 plus matching conditioning and latents. Next to tiny_host (SD1.5, MMDiT, Flux), whose seeded init they reuse.
 Imports comfy: use inside a running host only.
@@ -48,6 +48,10 @@ FAMILIES = {
         "axes_lens": (64, 64, 64)},
         (16, 16, 16)),
 }
+# Wan 2.1 VACE: the T2V model plus VACE blocks after every other block, fed the control video's latents (inactive +
+# reactive, 32 channels) and its mask at latent resolution (64 channels), as WanVaceToVideo builds them.
+FAMILIES["wan_vace"] = ("WAN21_Vace", dict(FAMILIES["wan_t2v"][1], model_type="vace", vace_layers=3, vace_in_dim=96),
+                        FAMILIES["wan_t2v"][2])
 # Z-Image's modulation reads a 256-wide time embedding: its width cannot go below 256.
 FAMILIES["z_image"] = ("ZImage", dict(FAMILIES["lumina2"][1], dim=256, n_heads=2, n_kv_heads=2,
                                       axes_dims=(32, 48, 48), z_image_modulation=True, time_scale=1000.0,
@@ -90,6 +94,11 @@ def tiny_dit_conditioning(family, seed=0, tokens=8, batch=1):
         mask = torch.ones(batch, 1, shape[1], shape[2], shape[3])
         mask[:, :, :1] = 0.0
         extras["concat_mask"] = mask
+    if family == "wan_vace":       # a control video (seeded) over the whole clip, at full strength
+        channels, frames, height, width = FAMILIES[family][2]
+        extras["vace_frames"] = [torch.randn(batch, 2 * channels, frames, height, width, generator=g)]
+        extras["vace_mask"] = [torch.ones(batch, 64, frames, height, width)]
+        extras["vace_strength"] = [1.0]
     return [[context, extras]]
 
 

@@ -7,9 +7,9 @@ input.
 ControlNet per family, on ComfyUI 0.3.75 (Flux's is tested in test_caching.py):
 - Qwen-Image: the InstantX ControlNet (comfy.controlnet, ControlNetApplyAdvanced with a VAE) is tested here. Its
   DiffSynth block-wise control (a model patch, QwenImageDiffsynthControlnet) is not.
-- Wan 2.1 / 2.2: VACE (a model class of its own, VaceWanModel, fed by WanVaceToVideo) and Fun Control (a model with
-  more input channels, fed by WanFunControlToVideo) are control paths; neither is tested here (no tiny VACE or Fun
-  builder in modelzoo/tiny_dits.py yet).
+- Wan 2.1 / 2.2: VACE (a model class of its own, VaceWanModel, fed by WanVaceToVideo) is tested here with a seeded
+  control video in the conditioning (what WanVaceToVideo puts there). Fun Control (a model with more input
+  channels, fed by WanFunControlToVideo) is not (no tiny Fun builder in modelzoo/tiny_dits.py yet).
 - HunyuanVideo, Chroma: their forwards read Flux-style control residuals, but the host has no ControlNet loader that
   builds one for them.
 - LTXV: no ControlNet (its guides are conditioning, LTXVAddGuide). Lumina 2 / Z-Image: none on 0.3.75; ComfyUI 0.33
@@ -127,6 +127,28 @@ def test_model_cache_on_each_family_exact_at_threshold_0_and_close_when_skipping
     summary = last("ModelCache")
     assert summary["computed"] < summary["calls"], summary["line"]
     assert psnr(cached, plain) > 15.0, (family, psnr(cached, plain), summary["line"])
+
+
+@pytest.mark.parametrize("cache", ["block", "model"])
+def test_caches_keep_the_vace_control_of_wan(inproc, cache):
+    """Wan VACE adds its control hints to the stream after every other block, outside the block patches: on a cached
+    step they still run, and the Block Cache's forecast replaces what the skipped middle blocks and their hints add.
+    The control must still steer a cached run: with control video A its error against the uncached run with A is
+    under half (6 dB) the difference another control video B makes (random weights, every other step cached)."""
+    base = tiny("wan_vace")
+    positive, negative = conditioning_pair("wan_vace")
+    other_control = [[positive[0][0], dict(positive[0][1], vace_frames=[
+        torch.randn(positive[0][1]["vace_frames"][0].shape, generator=torch.Generator().manual_seed(7))])]]
+    plain = sample("wan_vace", base)
+    plain_other = sample("wan_vace", base, conditioning=(other_control, negative))
+    attach, skipping, name = ((block_cache, BLOCK_SKIPPING, "BlockCache") if cache == "block"
+                              else (model_cache, MODEL_SKIPPING, "ModelCache"))
+    never = sample("wan_vace", attach(base))
+    assert (never - plain).abs().max().item() <= 1e-5
+    cached = sample("wan_vace", attach(base, **skipping))
+    summary = last(name)
+    assert summary["computed"] < summary["calls"], summary["line"]
+    assert psnr(cached, plain) > psnr(plain_other, plain) + 6.0, (psnr(cached, plain), psnr(plain_other, plain))
 
 
 def test_model_cache_leaves_the_sampler_input_untouched(inproc):
