@@ -1,4 +1,4 @@
-"""Small seeded models of the host's 2026 DiT families (Wan 2.1/2.2 T2V, I2V and VACE, Qwen-Image, HunyuanVideo, LTXV,
+"""Small seeded models of the host's 2026 DiT families (Wan 2.1/2.2 T2V, I2V, VACE and Fun Control, Qwen-Image, HunyuanVideo, LTXV,
 Chroma, Lumina2 / Z-Image, HiDream), built from ComfyUI's own model classes through its supported-model configs,
 plus matching conditioning and latents. Next to tiny_host (SD1.5, MMDiT, Flux), whose seeded init they reuse.
 Imports comfy: use inside a running host only.
@@ -52,6 +52,9 @@ FAMILIES = {
 # reactive, 32 channels) and its mask at latent resolution (64 channels), as WanVaceToVideo builds them.
 FAMILIES["wan_vace"] = ("WAN21_Vace", dict(FAMILIES["wan_t2v"][1], model_type="vace", vace_layers=3, vace_in_dim=96),
                         FAMILIES["wan_t2v"][2])
+# Wan 2.1 Fun Control: 32 more input channels, the control video's latents and a start image's (WanFunControlToVideo).
+FAMILIES["wan_fun_control"] = ("WAN21_FunControl2V", dict(FAMILIES["wan_t2v"][1], model_type="i2v", in_dim=48),
+                               FAMILIES["wan_t2v"][2])
 # Z-Image's modulation reads a 256-wide time embedding: its width cannot go below 256.
 FAMILIES["z_image"] = ("ZImage", dict(FAMILIES["lumina2"][1], dim=256, n_heads=2, n_kv_heads=2,
                                       axes_dims=(32, 48, 48), z_image_modulation=True, time_scale=1000.0,
@@ -94,6 +97,10 @@ def tiny_dit_conditioning(family, seed=0, tokens=8, batch=1):
         mask = torch.ones(batch, 1, shape[1], shape[2], shape[3])
         mask[:, :, :1] = 0.0
         extras["concat_mask"] = mask
+    if family == "wan_fun_control":    # a control video's latents (seeded), no start image (zeros)
+        channels, frames, height, width = FAMILIES[family][2]
+        extras["concat_latent_image"] = torch.cat([torch.randn(batch, channels, frames, height, width, generator=g),
+                                                   torch.zeros(batch, channels, frames, height, width)], dim=1)
     if family == "wan_vace":       # a control video (seeded) over the whole clip, at full strength
         channels, frames, height, width = FAMILIES[family][2]
         extras["vace_frames"] = [torch.randn(batch, 2 * channels, frames, height, width, generator=g)]

@@ -7,9 +7,9 @@ input.
 ControlNet per family, on ComfyUI 0.3.75 (Flux's is tested in test_caching.py):
 - Qwen-Image: the InstantX ControlNet (comfy.controlnet, ControlNetApplyAdvanced with a VAE) is tested here. Its
   DiffSynth block-wise control (a model patch, QwenImageDiffsynthControlnet) is not.
-- Wan 2.1 / 2.2: VACE (a model class of its own, VaceWanModel, fed by WanVaceToVideo) is tested here with a seeded
-  control video in the conditioning (what WanVaceToVideo puts there). Fun Control (a model with more input
-  channels, fed by WanFunControlToVideo) is not (no tiny Fun builder in modelzoo/tiny_dits.py yet).
+- Wan 2.1 / 2.2: VACE (a model class of its own, VaceWanModel, fed by WanVaceToVideo) and Fun Control (a model with
+  32 more input channels, fed by WanFunControlToVideo) are tested here, each with a seeded control video in the
+  conditioning where those nodes put it.
 - HunyuanVideo, Chroma: their forwards read Flux-style control residuals, but the host has no ControlNet loader that
   builds one for them.
 - LTXV: no ControlNet (its guides are conditioning, LTXVAddGuide). Lumina 2 / Z-Image: none on 0.3.75; ComfyUI 0.33
@@ -129,23 +129,33 @@ def test_model_cache_on_each_family_exact_at_threshold_0_and_close_when_skipping
     assert psnr(cached, plain) > 15.0, (family, psnr(cached, plain), summary["line"])
 
 
+def with_other_control(family, conditioning):
+    """The conditioning with another (seeded) control video: VACE's frames or Fun Control's concatenated latents."""
+    key = {"wan_vace": "vace_frames", "wan_fun_control": "concat_latent_image"}[family]
+    extras = dict(conditioning[0][1])
+    value = extras[key][0] if isinstance(extras[key], list) else extras[key]
+    other = torch.randn(value.shape, generator=torch.Generator().manual_seed(7))
+    extras[key] = [other] if isinstance(extras[key], list) else other
+    return [[conditioning[0][0], extras]]
+
+
 @pytest.mark.parametrize("cache", ["block", "model"])
-def test_caches_keep_the_vace_control_of_wan(inproc, cache):
-    """Wan VACE adds its control hints to the stream after every other block, outside the block patches: on a cached
-    step they still run, and the Block Cache's forecast replaces what the skipped middle blocks and their hints add.
-    The control must still steer a cached run: with control video A its error against the uncached run with A is
-    under half (6 dB) the difference another control video B makes (random weights, every other step cached)."""
-    base = tiny("wan_vace")
-    positive, negative = conditioning_pair("wan_vace")
-    other_control = [[positive[0][0], dict(positive[0][1], vace_frames=[
-        torch.randn(positive[0][1]["vace_frames"][0].shape, generator=torch.Generator().manual_seed(7))])]]
-    plain = sample("wan_vace", base)
-    plain_other = sample("wan_vace", base, conditioning=(other_control, negative))
+@pytest.mark.parametrize("family", ["wan_vace", "wan_fun_control"])
+def test_caches_keep_the_control_video_of_wan(inproc, family, cache):
+    """Wan's two control paths: VACE adds its hints to the stream after every other block, outside the block
+    patches (on a cached step they still run, and the Block Cache's forecast replaces what the skipped middle blocks
+    and their hints add); Fun Control feeds the control video's latents as 32 more input channels. The control must
+    still steer a cached run: with control video A its error against the uncached run with A is under half (6 dB)
+    the difference another control video B makes (random weights, every other step cached)."""
+    base = tiny(family)
+    positive, negative = conditioning_pair(family)
+    plain = sample(family, base)
+    plain_other = sample(family, base, conditioning=(with_other_control(family, positive), negative))
     attach, skipping, name = ((block_cache, BLOCK_SKIPPING, "BlockCache") if cache == "block"
                               else (model_cache, MODEL_SKIPPING, "ModelCache"))
-    never = sample("wan_vace", attach(base))
+    never = sample(family, attach(base))
     assert (never - plain).abs().max().item() <= 1e-5
-    cached = sample("wan_vace", attach(base, **skipping))
+    cached = sample(family, attach(base, **skipping))
     summary = last(name)
     assert summary["computed"] < summary["calls"], summary["line"]
     assert psnr(cached, plain) > psnr(plain_other, plain) + 6.0, (psnr(cached, plain), psnr(plain_other, plain))
