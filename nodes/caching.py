@@ -29,9 +29,9 @@ How they hook into the host (public extension points only; the input model is ne
   blocks return their input and the last one adds the forecast residual. The last Bn blocks always run on top.
   ControlNet / VACE residuals the host adds between blocks still run on every block.
 
-- Model Cache (every model: a DIFFUSION_MODEL wrapper, and an APPLY_MODEL wrapper for the models whose forward does
-  not call DIFFUSION_MODEL wrappers, SD3's MMDiT among them): caches the whole output's residual and forecasts it;
-  see samplers.cache_runs.ModelCacheRun. HiDream and Lumina2 / Z-Image offer no block patch: this is their cache.
+- Model Cache (every model: an APPLY_MODEL wrapper, which every host model passes through): caches the model's
+  denoised prediction and forecasts it; see samplers.cache_runs.ModelCacheRun. HiDream and Lumina2 / Z-Image offer
+  no block patch: this is their cache.
 
 - Calibrated policy (MagCache): the Calibrate Cache node samples once with the cache computing every step, records
   the magnitude curve of the cached tensor and writes it as JSON (write-then-rename) under
@@ -602,8 +602,8 @@ def extra_bytes_from_config(class_name, unet_config, latent_format, layout, conf
     video = family.video if family is not None else getattr(latent_format, "latent_dimensions", 2) == 3
     label, frames, h, w, channels = realistic_latent(latent_format, video)
     points = max(config.history, qc.FORECASTER_POINTS[config.forecaster])
-    if layout["cached"] == "output residual":
-        return qc.model_cache_bytes(channels * frames * h * w, points, batch, element_size), label
+    if layout["cached"] == "denoised prediction":      # the sampler's float32 x and x0, whatever the model's dtype
+        return qc.model_cache_bytes(channels * frames * h * w, points, batch, 4), label
     pt, ph, pw = _patch(unet_config)
     img, txt = -(-frames // pt) * (h // ph) * (w // pw), family.text_tokens
     tokens = {"img+txt": (img, txt), "img": (img,), "joined": (img + txt,)}
@@ -742,72 +742,22 @@ class QuickstepBlockCache(io.ComfyNode):
 # -------------------------------------------------------------------------------------------------------- Model cache
 
 def _model_cache_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: a forecast output instead of the model when the run's policy says so. Dynamo skips
-    this frame only; the diffusion model it calls compiles as usual."""
+    """APPLY_MODEL wrapper: a forecast denoised prediction instead of the model when the run's policy says so. Every
+    host model goes through apply_model (SD3's MMDiT, for one, never calls the DIFFUSION_MODEL wrappers where the
+    host's EasyCache hooks in). Dynamo skips this frame only; the diffusion model it calls compiles as usual."""
     to = wrapper_argument(executor, args, kwargs, "transformer_options") or {}
     run = to.get(KEY)
-    if not isinstance(run, runs.ModelCacheRun) or run.hook == "apply_model":
-        return executor(*args, **kwargs)
-    run.hook = "diffusion_model"
-    x = wrapper_argument(executor, args, kwargs, "x")
-    out = run.lookup(x, _sigma_of(to, "Model Cache"), to.get("uuids", []))
-    if out is not None:
-        return out
-    return run.store(x, executor(*args, **kwargs))
-
-
-class _OutputFrame:
-    """The diffusion model's own input and output seen from apply_model, whose output is the denoised latent: every
-    host model_sampling computes denoised = offset + scale * model_output (affine in the output), so the output is
-    (denoised - offset) / scale, and a forecast output becomes denoised the way the host makes it."""
-
-    def __init__(self, model_sampling, sigma, x):
-        self.ms, self.sigma, self.x = model_sampling, sigma, x
-        self.input = model_sampling.calculate_input(sigma, x)
-        self.offset = model_sampling.calculate_denoised(sigma, torch.zeros_like(x), x)
-        self.scale = model_sampling.calculate_denoised(sigma, torch.ones_like(x), torch.zeros_like(x)) - \
-            model_sampling.calculate_denoised(sigma, torch.zeros_like(x), torch.zeros_like(x))
-
-    def invertible(self):
-        return bool((self.scale != 0).all())
-
-    def output(self, denoised):
-        return (denoised - self.offset) / self.scale
-
-    def denoised(self, output):
-        return self.ms.calculate_denoised(self.sigma, output.float(), self.x)
-
-
-def _model_cache_apply_wrapper(executor, *args, **kwargs):
-    """APPLY_MODEL wrapper for the models whose forward never calls the host's DIFFUSION_MODEL wrappers (SD3 / SD3.5's
-    MMDiT on 0.3.75 and on 0.33, where the Model Cache, like the host's EasyCache, silently skipped nothing): the same
-    cache, in the diffusion model's frame (_OutputFrame). A run's first call tells which hook the model reaches."""
-    to = wrapper_argument(executor, args, kwargs, "transformer_options") or {}
-    run = to.get(KEY)
-    if not isinstance(run, runs.ModelCacheRun) or run.hook == "diffusion_model":
+    if not isinstance(run, runs.ModelCacheRun):
         return executor(*args, **kwargs)
     x = wrapper_argument(executor, args, kwargs, "x")
-    frame = _OutputFrame(executor.class_obj.model_sampling, wrapper_argument(executor, args, kwargs, "t"), x)
-    if not frame.invertible():       # a call at sigma 0 (no sampler makes one): nothing to cache
-        return executor(*args, **kwargs)
-    sigma, uuids = _sigma_of(to, "Model Cache"), to.get("uuids", [])
-    if run.hook is None:             # the first call: does the model reach the DIFFUSION_MODEL wrapper?
-        denoised = executor(*args, **kwargs)
-        if run.hook is None:
-            run.hook = "apply_model"
-            run.lookup(frame.input, sigma, uuids)      # nothing stored yet: counts the call, computes
-            run.store(frame.input, frame.output(denoised))
+    model_input = executor.class_obj.model_sampling.calculate_input(wrapper_argument(executor, args, kwargs, "t"), x)
+    denoised = run.lookup(model_input, _sigma_of(to, "Model Cache"), to.get("uuids", []))
+    if denoised is not None:
         return denoised
-    cached = run.lookup(frame.input, sigma, uuids)
-    if cached is not None:
-        return frame.denoised(cached)
-    denoised = executor(*args, **kwargs)
-    run.store(frame.input, frame.output(denoised))
-    return denoised
+    return run.store(model_input, executor(*args, **kwargs))
 
 
 _model_cache_wrapper = torch._dynamo.disable(_model_cache_wrapper, recursive=False)
-_model_cache_apply_wrapper = torch._dynamo.disable(_model_cache_apply_wrapper, recursive=False)
 
 
 class QuickstepModelCache(io.ComfyNode):
@@ -818,21 +768,22 @@ class QuickstepModelCache(io.ComfyNode):
             display_name="Model Cache (any model)",
             category=SUBCATEGORY,
             description="Model-level forecasting cache for every model the host runs (HiDream, Lumina2 / Z-Image, "
-                        "and all the DiTs and UNets): the whole output's residual (output minus input) is stored at "
-                        "computed steps; while the input has moved little (scaled by how much the output moved per "
-                        "unit of input change between the last two computed steps), or where a calibration says so, "
-                        "the model is skipped and the residual is reused or forecast in sigma. Holds a few latents: "
-                        "far less memory than a block cache. Returns a patched copy of the model.",
+                        "SD3, and all the other DiTs and UNets): the model's denoised prediction is stored at "
+                        "computed steps; while the input has moved little (scaled by how much the prediction moved "
+                        "per unit of input change between the last two computed steps), or where a calibration says "
+                        "so, the model is skipped and the prediction is reused or forecast in sigma. Holds a few "
+                        "latents: far less memory than a block cache. Returns a patched copy of the model.",
             inputs=[
                 io.Model.Input("model", tooltip="Any diffusion model."),
                 io.Float.Input("threshold", default=0.2, min=0.0, max=2.0, step=0.01,
-                               tooltip="Skip the model while its predicted output change since the last computed "
-                                       "step (relative L1) stays below this; 0 never skips. With the calibrated "
-                                       "policy: MagCache's error budget."),
-                *_forecast_inputs("output residual", warmup=2, max_consecutive=3),
+                               tooltip="Skip the model while its predicted change of the denoised prediction since "
+                                       "the last computed step (relative L1) stays below this; 0 never skips. With "
+                                       "the calibrated policy: MagCache's error budget."),
+                *_forecast_inputs("denoised prediction", warmup=2, max_consecutive=3),
                 *_policy_node_inputs("residual-probe: EasyCache-style input-change rule (threshold = predicted "
-                                     "relative output change). calibrated: MagCache's rule on a stored calibration "
-                                     "of the output residual (threshold = error budget).", CALIBRATION_TOOLTIP),
+                                     "relative change of the denoised prediction). calibrated: MagCache's rule on a "
+                                     "stored calibration of the denoised prediction (threshold = error budget).",
+                                     CALIBRATION_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with the model-level cache.")])
 
@@ -845,14 +796,13 @@ class QuickstepModelCache(io.ComfyNode):
         config = _config(node, threshold=threshold, warmup=warmup_steps, max_consecutive=max_consecutive,
                          forecaster=forecaster, history=history, start_percent=start_percent,
                          end_percent=end_percent, few_step_limit=few_step_limit, offload=bool(offload))
-        layout = {"cached": "output residual"}
+        layout = {"cached": "denoised prediction"}
         if calibration:
             config = replace(config, calibration=load_calibration(node, calibration, "ModelCache",
                                                                   structure_of(layout), model))
         import comfy.patcher_extension as pe
         out = _attach(node, model, "ModelCache", layout, config, runs.ModelCacheRun)
-        out.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, _model_cache_wrapper)
-        out.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, KEY, _model_cache_apply_wrapper)
+        out.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, KEY, _model_cache_wrapper)
         text = (f"Model Cache on {type(model.model.diffusion_model).__name__}: {config.describe()}; "
                 f"{_memory_text(model, layout, config)}; each run logs what it skipped")
         return io.NodeOutput(out, ui=ui.PreviewText(text))

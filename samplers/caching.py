@@ -548,6 +548,6 @@ def block_cache_bytes(front_tokens, middle_tokens, width, points, batch, element
 
 
 def model_cache_bytes(latent_numel, points, batch, element_size):
-    """Peak bytes a model-level cache holds: `points` stored output residuals and one input per batch group, each a
-    latent of latent_numel elements per sample."""
+    """Peak bytes a model-level cache holds: `points` stored denoised predictions and one input per batch group, each
+    a latent of latent_numel elements per sample."""
     return (points + 1) * latent_numel * batch * element_size
