@@ -1,7 +1,7 @@
-"""Small seeded models of the host's 2026 DiT families (Wan 2.1/2.2 T2V, I2V, VACE and Fun Control, Qwen-Image, HunyuanVideo, LTXV,
-Chroma, Lumina2 / Z-Image, HiDream), built from ComfyUI's own model classes through its supported-model configs,
-plus matching conditioning and latents. Next to tiny_host (SD1.5, MMDiT, Flux), whose seeded init they reuse.
-Imports comfy: use inside a running host only.
+"""Small seeded models of the host's 2026 DiT families (Wan 2.1/2.2 T2V, I2V, VACE and Fun Control, Qwen-Image,
+HunyuanVideo, LTXV, Chroma, Lumina2 / Z-Image, HiDream), built from ComfyUI's own model classes through its
+supported-model configs, plus matching conditioning and latents. Next to tiny_host (SD1.5, MMDiT, Flux), whose
+seeded init they reuse. Imports comfy: use inside a running host only.
 """
 import torch
 
