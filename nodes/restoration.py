@@ -382,8 +382,9 @@ VAE_DEFAULTS = dict({task: DAPS_DEFAULT for task in RESTORE_TASKS},             
 # chosen when it was the better of the two on the tuning digits of four real-latent tasks by +0.29 dB on average
 # (best setting of each: SDXL / TAESDXL x4 SR 17.32 vs 16.82 dB, SD3 / TAESD3 box 15.12 vs 14.28, Flux / TAEF1 box
 # 14.51 each, SD3 / TAESD3 x4 SR 18.06 vs 18.23); two tasks measured after that went to karras (SDXL box 13.88 vs
-# 14.25, SD3 deblurring 20.88 vs 21.29); of three more, two went to simple (SDXL deblurring 19.50 vs 19.39, Flux x4
-# SR 19.36 vs 18.15) and one to karras (SD1.5 box 17.02 vs 17.43): over nine, simple by 0.14 dB, inside the noise.
+# 14.25, SD3 deblurring 20.88 vs 21.29); of five more, four went to simple (SDXL deblurring 19.50 vs 19.39, Flux x4
+# SR 19.36 vs 18.15, Flux deblurring 21.05 vs 20.72, SD1.5 x4 SR 19.45 vs 19.38) and one to karras (SD1.5 box 17.02
+# vs 17.43): over eleven, simple by 0.15 dB, inside the noise.
 SCHEDULER, VAE_SCHEDULER = "karras", "simple"
 FAR_HOLE = 1 / 8
 FAR_HOLE_PARTICLES = {"diffpir": 2, "daps": 4}
