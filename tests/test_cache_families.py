@@ -179,18 +179,13 @@ def test_model_cache_leaves_the_sampler_input_untouched(inproc):
     assert seen and all(seen)
 
 
-def sample_tiny_host(arch, patcher, steps=10, callback=None):
-    """sample() for modelzoo.tiny_host's models (SD3's MMDiT, the SD1.5 UNet): euler, CFG 3 against another context."""
-    import comfy.sample
-    import comfy.samplers
+def sample_tiny_host(arch, patcher, callback=None):
+    """test_caching's host sampling path for modelzoo.tiny_host's models (SD3's MMDiT, the SD1.5 UNet), 10 steps,
+    against another context."""
     from modelzoo import tiny_host
-    shape = (1, 4 if arch == "sd15" else 16, 16, 16)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"),
-                                             "normal" if arch == "sd15" else "simple", steps).cpu()
-    return comfy.sample.sample_custom(patcher, noise, 3.0, comfy.samplers.sampler_object("euler"), sigmas,
-                                      tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1),
-                                      torch.zeros(shape), disable_pbar=True, seed=0, callback=callback)
+    from test_caching import sample_host
+    return sample_host(arch, patcher, tiny_host.tiny_conditioning(arch, 0), tiny_host.tiny_conditioning(arch, 1),
+                       steps=10, callback=callback)
 
 
 def test_model_cache_serves_sd3_whose_forward_skips_the_diffusion_model_wrappers(inproc):

@@ -391,7 +391,7 @@ PATCH_SKIPPING = {"sd15": ("QuickstepDeepCache", DEEPCACHE_SKIPPING),
                   "flux": ("QuickstepBlockCache", {**SKIPPING["flux"][1], "warmup_steps": 1, "max_consecutive": 1})}
 
 
-def sample_host(arch, patcher, positive, negative, steps=6):
+def sample_host(arch, patcher, positive, negative, steps=6, callback=None):
     """The host's own sampling path (SamplerCustom's), batch 1, CFG 3, euler, seeded noise, 16x16 latent."""
     import comfy.sample
     import comfy.samplers
@@ -399,7 +399,8 @@ def sample_host(arch, patcher, positive, negative, steps=6):
     noise = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(0))
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), SCHEDULER[arch], steps).cpu()
     return comfy.sample.sample_custom(patcher, noise, 3.0, comfy.samplers.sampler_object("euler"), sigmas, positive,
-                                      negative, torch.zeros_like(noise), disable_pbar=True, seed=0)
+                                      negative, torch.zeros_like(noise), disable_pbar=True, seed=0,
+                                      callback=callback)
 
 
 def apply_cache(patcher, cache):
