@@ -181,7 +181,12 @@ class ModelCacheRun(RunState):
     Residual-probe policy without a probe block (EasyCache's input-change rule): x0 is predicted to move by
     k * relative_l1(x, x at the last computed call), x the model's input (calculate_input), k = (x0 change) /
     (input change) between the last two computed calls; a call is skipped while that stays under the threshold.
-    Calibrated policy: the planned steps of x0's magnitude curve."""
+    Calibrated policy: the planned steps of x0's magnitude curve.
+
+    The node's run-length cap and window end (at most 2 skipped in a row, caching to the last step) were chosen on
+    the same two tuning UNets over 3 seeds each: 3 in a row put one flow seed at 26 dB whatever the threshold (the
+    input-change rule under-reads flow's x0 forecast error), and a window ending at 95% of the denoising kept the
+    eps UNet's last 6 karras steps computing with no PSNR to show for it."""
 
     def __init__(self, config, layout, sigmas, start_sigma, end_sigma, storage=None):
         super().__init__("ModelCache", sigmas, config, start_sigma, end_sigma, storage)
