@@ -41,6 +41,11 @@ scheduler at CFG 2.5/3: one name for every model, or one per model in order; --s
 first published count. Each Quickstep cache then also runs with its few-step back-off off (few_step_limit 0), to show
 what the back-off keeps.
 
+--tune-model-cache SEED [SEED ...]: instead of the sweep, the grid the Model Cache's defaults were chosen on
+(TUNING_GRID: window end x threshold x skipped steps in a row) on every given noise seed; per setting the compute
+ratio and the PSNR over the seeds (lowest, median, how many under 30 dB). Run it on tuning models only (the README
+names them: the pixel digit UNets "digits" and "digits-flow").
+
 --two-expert SWITCH: instead of the sweep, the Wan 2.2 two-expert graph (the stock KSamplerAdvanced split: the
 high-noise expert for steps [0, SWITCH) returning leftover noise, the low-noise expert for the rest without new
 noise) with the model loaded twice as the two experts, each patcher with its own cache node at its defaults (host
@@ -441,6 +446,40 @@ def benchmark(model_name, steps, quick, log, preset=None):
     return rows
 
 
+TUNING_GRID = {"end_percent": (0.95, 1.0), "threshold": (0.1, 0.2, 0.3), "max_consecutive": (2, 3)}
+
+
+def model_cache_tuning(model_name, steps, seeds, log):
+    """Every TUNING_GRID setting of the Model Cache (its other inputs at their defaults) on each noise seed: rows of
+    compute ratio and PSNR against the uncached run from the same seed."""
+    import itertools
+    setup = build_setup(model_name)
+    base = defaults("QuickstepModelCache")
+    rows = []
+    for seed in seeds:
+        ref, _, ref_flops, _ = sample(setup, apply(setup.patcher, None), steps, seed=seed, count_flops=True)
+        for values in itertools.product(*TUNING_GRID.values()):
+            setting = dict(zip(TUNING_GRID, values))
+            spec = ("QuickstepModelCache", dict(base, **setting))
+            out, _, flops, _ = sample(setup, apply(setup.patcher, spec), steps, seed=seed, count_flops=True)
+            rows.append(dict(setting, seed=seed, compute_ratio=ref_flops / flops, psnr=psnr(out, ref)))
+            log(f"{model_name} seed {seed} {setting}: {rows[-1]['compute_ratio']:.2f}x {rows[-1]['psnr']:.1f} dB")
+    return rows
+
+
+def tuning_markdown(name, rows):
+    lines = [f"### {name}: Model Cache tuning grid", "",
+             "| " + " | ".join(TUNING_GRID) + " | compute ratio (min-max) | PSNR lowest / median (dB) | seeds under "
+             f"{TARGET_DB:.0f} dB |", "|---" * (len(TUNING_GRID) + 3) + "|"]
+    for values in sorted({tuple(r[k] for k in TUNING_GRID) for r in rows}):
+        mine = [r for r in rows if tuple(r[k] for k in TUNING_GRID) == values]
+        ratios, psnrs = [r["compute_ratio"] for r in mine], [r["psnr"] for r in mine]
+        lines.append("| " + " | ".join(str(v) for v in values) + f" | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                     f"{db(min(psnrs))} / {db(statistics.median(psnrs))} | "
+                     f"{sum(p < TARGET_DB for p in psnrs)} of {len(psnrs)} |")
+    return "\n".join(lines)
+
+
 def expert_pair(setup, high, low, steps, switch, seed=0):
     """The stock Wan 2.2 graph, as KSamplerAdvanced runs it (tests/test_cache_families.py two_expert): the high-noise
     expert for steps [0, switch) from seeded noise, returning leftover noise, then the low-noise expert for
@@ -669,9 +708,14 @@ def main(argv=None):
     parser.add_argument("--two-expert", type=int, default=None, metavar="SWITCH",
                         help="instead of the sweep: the Wan 2.2 two-expert graph switching experts at step SWITCH, "
                              "each cache at its defaults, per-step x0 PSNR")
+    parser.add_argument("--tune-model-cache", type=int, nargs="+", default=None, metavar="SEED",
+                        help="instead of the sweep: the Model Cache's tuning grid on these noise seeds")
     args = parser.parse_args(argv)
     if args.two_expert is not None and args.preset:
         parser.error("--two-expert samples on the model's scheduler: no --preset")
+    if args.tune_model_cache is not None and (args.preset or args.two_expert is not None):
+        parser.error("--tune-model-cache samples on the model's scheduler at its own settings: no --preset or "
+                     "--two-expert")
     runs = plan_runs(parser, args)
 
     from testbed.inproc import InProcessHost
@@ -683,15 +727,24 @@ def main(argv=None):
     if args.sd15_partial_cost:
         results["sd15_full_partial_cost"] = sd15_partial_cost()
     for key, (name, preset, steps) in runs.items():
-        results[key] = (two_expert_benchmark(name, steps, args.two_expert, print) if args.two_expert is not None
-                        else benchmark(name, steps, args.quick, print, preset))
+        if args.tune_model_cache is not None:
+            results[key] = model_cache_tuning(name, steps, args.tune_model_cache, print)
+        elif args.two_expert is not None:
+            results[key] = two_expert_benchmark(name, steps, args.two_expert, print)
+        else:
+            results[key] = benchmark(name, steps, args.quick, print, preset)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"steps": args.steps, "presets": args.preset, "two_expert": args.two_expert,
-                       "results": results, "wall_s": time.time() - t0}, f, indent=1, default=str)
+                       "tune_model_cache": args.tune_model_cache, "results": results, "wall_s": time.time() - t0},
+                      f, indent=1, default=str)
     for key, (_, _, steps) in runs.items():
-        print(two_expert_markdown(key, results[key]) if args.two_expert is not None
-              else markdown(f"{key}, {steps} steps", results[key]), "\n")
+        if args.tune_model_cache is not None:
+            print(tuning_markdown(f"{key}, {steps} steps, seeds {args.tune_model_cache}", results[key]), "\n")
+        elif args.two_expert is not None:
+            print(two_expert_markdown(key, results[key]), "\n")
+        else:
+            print(markdown(f"{key}, {steps} steps", results[key]), "\n")
     print(f"wrote {args.out} in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
