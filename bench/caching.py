@@ -59,6 +59,7 @@ usage: python -m bench.caching [--steps 24] [--models digits digits-flow sd15 mm
 Writes bench/results/caching.json and prints markdown tables.
 """
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -452,7 +453,6 @@ TUNING_GRID = {"end_percent": (0.95, 1.0), "threshold": (0.1, 0.2, 0.3), "max_co
 def model_cache_tuning(model_name, steps, seeds, log):
     """Every TUNING_GRID setting of the Model Cache (its other inputs at their defaults) on each noise seed: rows of
     compute ratio and PSNR against the uncached run from the same seed."""
-    import itertools
     setup = build_setup(model_name)
     base = defaults("QuickstepModelCache")
     rows = []

@@ -184,9 +184,10 @@ class ModelCacheRun(RunState):
     Calibrated policy: the planned steps of x0's magnitude curve.
 
     The node's run-length cap and window end (at most 2 skipped in a row, caching to the last step) were chosen on
-    the same two tuning UNets over 3 seeds each: 3 in a row put one flow seed at 26 dB whatever the threshold (the
-    input-change rule under-reads flow's x0 forecast error), and a window ending at 95% of the denoising kept the
-    eps UNet's last 6 karras steps computing with no PSNR to show for it."""
+    the same two tuning UNets over 3 noise seeds and checked on 9 (bench.caching --tune-model-cache): 3 in a row put
+    a flow seed at 26 dB whatever the threshold (on flow the rule reads small x0 changes over the first steps, which
+    still steer the trajectory), and a window ending at 95% of the denoising kept the eps UNet's last 6 karras steps
+    computing with no PSNR to show for it."""
 
     def __init__(self, config, layout, sigmas, start_sigma, end_sigma, storage=None):
         super().__init__("ModelCache", sigmas, config, start_sigma, end_sigma, storage)
