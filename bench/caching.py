@@ -10,7 +10,8 @@ a different negative, batch 2). Measured per configuration:
   run before and one after the others; noisy on a shared machine);
 - PSNR (peak = max |x| of the reference) and SSIM (7x7 Gaussian window, both tensors scaled by the reference's range)
   of the final latent against the uncached run.
-Calibrated policies are calibrated with the Calibrate Cache code path on another noise seed than the one measured.
+Calibrated policies are calibrated with the Calibrate Cache code path on the noise seed after the measured one
+(--seed, 0 by default).
 On a video latent [B, C, T, H, W] also its temporal consistency: the frame-difference PSNR (x[t+1] - x[t] of the
 cached clip against the uncached clip's, the clip PSNR's peak; target: at most TEMPORAL_DB below the clip PSNR) and
 the motion in dB (mean squared frame difference against the uncached clip's; target: within TEMPORAL_DB of 0).
@@ -309,13 +310,13 @@ def ssim(a, b):
     return image_ssim(2 * (a - lo) / scale - 1, 2 * (b - lo) / scale - 1)
 
 
-def calibrate(setup, spec, steps, name):
-    """Calibrate the cache of `spec` (computing every step) on noise seed 1; returns the calibration name."""
+def calibrate(setup, spec, steps, name, seed=1):
+    """Calibrate the cache of `spec` (computing every step) on noise `seed`; returns the calibration name."""
     import comfy.samplers
     cached = apply(setup.patcher, spec)
     caching_nodes().calibrate(cached, setup.positive, setup.negative, setup.cfg,
                               comfy.samplers.sampler_object("euler"), sigmas_of(setup, steps),
-                              {"samples": setup.latent}, 1, name)
+                              {"samples": setup.latent}, seed, name)
     return name
 
 
@@ -327,8 +328,9 @@ def defaults(node_id):
 FORECASTERS = ("reuse", "taylor1", "taylor2", "chebyshev")
 
 
-def configs(setup, steps, quick):
-    """[(cache family, label, spec)]: uncached, the host caches and Quickstep's, defaults first then sweeps."""
+def configs(setup, steps, quick, seed=0):
+    """[(cache family, label, spec)]: uncached, the host caches and Quickstep's, defaults first then sweeps; calibrated
+    policies are calibrated on the noise seed after the measured one."""
     short = setup.name in SHORT_SWEEP
     host_thresholds = (0.2,) if quick or short else (0.05, 0.1, 0.2, 0.4, 0.8)
     out = [("uncached", "uncached", None)]
@@ -350,7 +352,8 @@ def configs(setup, steps, quick):
             return out
         for n in (2, 3, 4, 6, 8):
             out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
-        name = calibrate(setup, ("QuickstepDeepCache", dict(deep, interval=1)), steps, f"bench_{setup.name}")
+        name = calibrate(setup, ("QuickstepDeepCache", dict(deep, interval=1)), steps, f"bench_{setup.name}",
+                         seed + 1)
         for t in (0.1, 0.24, 0.5, 1.0):
             out.append(("DeepCache calibrated", f"DeepCache calibrated t={t}", ("QuickstepDeepCache", dict(
                 deep, schedule="calibrated", calibration=name, threshold=t, interval=8))))
@@ -375,7 +378,8 @@ def configs(setup, steps, quick):
             if forecaster != block["forecaster"] or t != block["threshold"]:
                 out.append((family, f"BlockCache t={t} {forecaster}",
                             ("QuickstepBlockCache", dict(block, threshold=t, forecaster=forecaster))))
-    name = calibrate(setup, ("QuickstepBlockCache", dict(block, threshold=0.0)), steps, f"bench_{setup.name}")
+    name = calibrate(setup, ("QuickstepBlockCache", dict(block, threshold=0.0)), steps, f"bench_{setup.name}",
+                     seed + 1)
     calibrated = dict(block, policy="calibrated", calibration=name, max_consecutive=5, warmup_steps=1)
     for t in (0.1, 0.24, 0.5, 1.0):
         out.append(("BlockCache calibrated", f"BlockCache calibrated t={t}",
@@ -417,16 +421,16 @@ def block_cache_defaults(setup):
     return dict(defaults("QuickstepBlockCache"), back_blocks=1 if len(layout_of(setup)) > 2 else 0)
 
 
-def benchmark(model_name, steps, quick, log, preset=None):
+def benchmark(model_name, steps, quick, log, preset=None, seed=0):
     setup = build_setup(model_name)
     if preset:
         setup.use_preset(preset, steps)
     rows, ref = [], None
-    for family, label, spec in configs(setup, steps, quick):
+    for family, label, spec in configs(setup, steps, quick, seed):
         patched = apply(setup.patcher, spec)
-        out, calls, _, wall = sample(setup, patched, steps)
+        out, calls, _, wall = sample(setup, patched, steps, seed=seed)
         summary = caching_nodes().LAST_SUMMARY.pop(SUMMARY_OF.get(spec[0]) if spec else None, None)
-        _, _, flops, _ = sample(setup, patched, steps, count_flops=True)
+        _, _, flops, _ = sample(setup, patched, steps, seed=seed, count_flops=True)
         if ref is None:
             ref = {"out": out, "flops": flops, "wall": wall}
         row = {"family": family, "config": label, "calls": calls, "gflops": flops / 1e9,
@@ -441,7 +445,7 @@ def benchmark(model_name, steps, quick, log, preset=None):
             + (f"  frame-diff PSNR {row['frame_diff_psnr']:.1f} dB  motion {row['motion_db']:+.2f} dB"
                if "motion_db" in row else ""))
     # the uncached time again at the end (the machine's load drifts): the faster of the two is the reference
-    ref_wall = min(ref["wall"], sample(setup, apply(setup.patcher, None), steps)[3])
+    ref_wall = min(ref["wall"], sample(setup, apply(setup.patcher, None), steps, seed=seed)[3])
     for row in rows:
         row["speedup"] = ref_wall / row["wall_s"]
     return rows
@@ -708,6 +712,7 @@ def main(argv=None):
     parser.add_argument("--two-expert", type=int, default=None, metavar="SWITCH",
                         help="instead of the sweep: the Wan 2.2 two-expert graph switching experts at step SWITCH, "
                              "each cache at its defaults, per-step x0 PSNR")
+    parser.add_argument("--seed", type=int, default=0, help="the noise seed of the sweep (0)")
     parser.add_argument("--tune-model-cache", type=int, nargs="+", default=None, metavar="SEED",
                         help="instead of the sweep: the Model Cache's tuning grid on these noise seeds")
     args = parser.parse_args(argv)
@@ -732,10 +737,10 @@ def main(argv=None):
         elif args.two_expert is not None:
             results[key] = two_expert_benchmark(name, steps, args.two_expert, print)
         else:
-            results[key] = benchmark(name, steps, args.quick, print, preset)
+            results[key] = benchmark(name, steps, args.quick, print, preset, args.seed)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"steps": args.steps, "presets": args.preset, "two_expert": args.two_expert,
+            json.dump({"steps": args.steps, "seed": args.seed, "presets": args.preset, "two_expert": args.two_expert,
                        "tune_model_cache": args.tune_model_cache, "results": results, "wall_s": time.time() - t0},
                       f, indent=1, default=str)
     for key, (_, _, steps) in runs.items():
