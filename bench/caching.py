@@ -310,13 +310,14 @@ def ssim(a, b):
     return image_ssim(2 * (a - lo) / scale - 1, 2 * (b - lo) / scale - 1)
 
 
-def calibrate(setup, spec, steps, name, seed=1):
-    """Calibrate the cache of `spec` (computing every step) on noise `seed`; returns the calibration name."""
+def calibrate(setup, spec, steps, name, measured_seed):
+    """Calibrate the cache of `spec` (computing every step) on the noise seed after `measured_seed`, so a calibrated
+    policy is never scored on the noise it was calibrated on; returns the calibration name."""
     import comfy.samplers
     cached = apply(setup.patcher, spec)
     caching_nodes().calibrate(cached, setup.positive, setup.negative, setup.cfg,
                               comfy.samplers.sampler_object("euler"), sigmas_of(setup, steps),
-                              {"samples": setup.latent}, seed, name)
+                              {"samples": setup.latent}, measured_seed + 1, name)
     return name
 
 
@@ -329,8 +330,8 @@ FORECASTERS = ("reuse", "taylor1", "taylor2", "chebyshev")
 
 
 def configs(setup, steps, quick, seed=0):
-    """[(cache family, label, spec)]: uncached, the host caches and Quickstep's, defaults first then sweeps; calibrated
-    policies are calibrated on the noise seed after the measured one."""
+    """[(cache family, label, spec)]: uncached, the host caches and Quickstep's, defaults first then sweeps, measured
+    on noise `seed`."""
     short = setup.name in SHORT_SWEEP
     host_thresholds = (0.2,) if quick or short else (0.05, 0.1, 0.2, 0.4, 0.8)
     out = [("uncached", "uncached", None)]
@@ -352,8 +353,7 @@ def configs(setup, steps, quick, seed=0):
             return out
         for n in (2, 3, 4, 6, 8):
             out.append(("DeepCache", f"DeepCache N={n}", ("QuickstepDeepCache", dict(deep, interval=n))))
-        name = calibrate(setup, ("QuickstepDeepCache", dict(deep, interval=1)), steps, f"bench_{setup.name}",
-                         seed + 1)
+        name = calibrate(setup, ("QuickstepDeepCache", dict(deep, interval=1)), steps, f"bench_{setup.name}", seed)
         for t in (0.1, 0.24, 0.5, 1.0):
             out.append(("DeepCache calibrated", f"DeepCache calibrated t={t}", ("QuickstepDeepCache", dict(
                 deep, schedule="calibrated", calibration=name, threshold=t, interval=8))))
@@ -378,8 +378,7 @@ def configs(setup, steps, quick, seed=0):
             if forecaster != block["forecaster"] or t != block["threshold"]:
                 out.append((family, f"BlockCache t={t} {forecaster}",
                             ("QuickstepBlockCache", dict(block, threshold=t, forecaster=forecaster))))
-    name = calibrate(setup, ("QuickstepBlockCache", dict(block, threshold=0.0)), steps, f"bench_{setup.name}",
-                     seed + 1)
+    name = calibrate(setup, ("QuickstepBlockCache", dict(block, threshold=0.0)), steps, f"bench_{setup.name}", seed)
     calibrated = dict(block, policy="calibrated", calibration=name, max_consecutive=5, warmup_steps=1)
     for t in (0.1, 0.24, 0.5, 1.0):
         out.append(("BlockCache calibrated", f"BlockCache calibrated t={t}",
